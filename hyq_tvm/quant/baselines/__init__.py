@@ -1,0 +1,1 @@
+"""Baseline calibration methods, for comparison with Q-HyViT."""

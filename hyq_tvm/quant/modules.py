@@ -1,0 +1,212 @@
+"""Quantized modules and the preparation of a timm model for quantization.
+
+`prepare` folds every BatchNorm that directly follows a convolution into it, wraps every Conv2d and
+Linear in a QuantLayer and gives every attention module one QuantMatMul per activation-by-activation
+matmul it performs (q @ k^T, attn @ v), named `<attention>.matmul<i>` in call order. A layer's
+name is the module path of the wrapped module in the timm model: the key of the QuantPlan.
+
+Arithmetic of a quantized conv / linear layer, exactly as the integer graph computes it:
+    x_int = clip(round(x / s_a) + z_a) - z_a                          (s_a, z_a per tensor or per input channel)
+    w_int = clip(round((w * s_a) / s_w))                              (symmetric, per output channel)
+    y     = s_w * op(x_int, w_int) + bias
+The activation scale is folded into the weight before the weight is quantized, so channel-wise
+activation scales cost nothing at inference: the accumulation stays int8 x int8 -> int32.
+A quantized matmul computes s_a * s_b * ((a_q - z_a) @ (b_q - z_b)).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .quantizer import QuantParams
+
+_MATMUL_NAMES = ("matmul", "__matmul__")
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear with an input quantizer and a (folded) weight quantizer."""
+
+    def __init__(self, inner: nn.Conv2d | nn.Linear):
+        super().__init__()
+        self.inner = inner
+        self.op = "conv2d" if isinstance(inner, nn.Conv2d) else "linear"
+        self.act: QuantParams | None = None
+        self.weight: QuantParams | None = None
+        self.enabled = False
+
+    @property
+    def act_axis(self) -> int:
+        """Channel axis of the input: 1 for NCHW convolutions, -1 for (..., C) linear inputs."""
+        return 1 if self.op == "conv2d" else -1
+
+    @property
+    def weight_axis(self) -> int:
+        return 0
+
+    def folded_weight(self, act: QuantParams) -> torch.Tensor:
+        """The float weight with the input scale(s) multiplied into its input channels."""
+        w = self.inner.weight.detach()
+        scale = act.scale
+        if scale.ndim == 0:
+            return w * scale
+        if self.op == "linear":
+            return w * scale.view(1, -1)
+        groups = self.inner.groups
+        per_out = scale.view(groups, -1).repeat_interleave(w.shape[0] // groups, dim=0)
+        return w * per_out[:, :, None, None]
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        bias = self.inner.bias
+        if self.op == "linear":
+            return F.linear(x, w, bias)
+        c = self.inner
+        return F.conv2d(x, w, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def quantized(self, x: torch.Tensor, act: QuantParams, weight: QuantParams) -> torch.Tensor:
+        """Output with the given quantizers (weight quantizer over the folded weight)."""
+        return self._op(act.centered(x), weight.fake_quantize(self.folded_weight(act)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            return self.quantized(x, self.act, self.weight)
+        return self.inner(x)
+
+
+class QuantMatMul(nn.Module):
+    """An activation-by-activation matmul with a quantizer on each operand."""
+
+    op = "matmul"
+
+    def __init__(self):
+        super().__init__()
+        self.acts: list[QuantParams] | None = None
+        self.enabled = False
+
+    def quantized(self, a: torch.Tensor, b: torch.Tensor, qa: QuantParams, qb: QuantParams) -> torch.Tensor:
+        return torch.matmul(qa.centered(a), qb.centered(b)) * (qa.scale * qb.scale)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            return self.quantized(a, b, *self.acts)
+        return torch.matmul(a, b)
+
+
+class _MatmulRouter(TorchFunctionMode):
+    """Sends the i-th matmul of a forward call to `matmuls[i]`; counts them when `matmuls` is None."""
+
+    def __init__(self, matmuls: list[QuantMatMul] | None):
+        super().__init__()
+        self.matmuls = matmuls
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _MATMUL_NAMES and len(args) == 2 and not kwargs:
+            index, self.count = self.count, self.count + 1
+            if self.matmuls is not None:
+                return self.matmuls[index](*args)
+        return func(*args, **kwargs)
+
+
+def _routed_forward(module: nn.Module, forward, *args, **kwargs):
+    router = _MatmulRouter(module.hyq_matmuls)
+    with router:
+        out = forward(*args, **kwargs)
+    module.hyq_matmul_calls = router.count
+    return out
+
+
+def _leaf_attention(model: nn.Module) -> dict[str, nn.Module]:
+    found = {}
+    for name, module in model.named_modules():
+        if "Attention" in type(module).__name__ and not any(
+                "Attention" in type(m).__name__ for m in list(module.modules())[1:]):
+            found[name] = module
+    return found
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """Fold each BatchNorm2d whose input is a Conv2d's output into that conv; returns the pairs."""
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # keeps outputs alive so ids stay unique
+    pairs: list[tuple[str, str]] = []
+    modules = dict(model.named_modules())
+
+    def conv_hook(name):
+        def hook(_, __, out):
+            produced[id(out)] = (name, out)
+        return hook
+
+    def bn_hook(name):
+        def hook(_, inputs):
+            if id(inputs[0]) in produced:
+                pairs.append((produced[id(inputs[0])][0], name))
+        return hook
+
+    handles = [m.register_forward_hook(conv_hook(n)) for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in modules.items() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()(example)
+    for h in handles:
+        h.remove()
+    for conv_name, bn_name in dict.fromkeys(pairs):
+        conv, bn = modules[conv_name], modules[bn_name]
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(factor.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        _set_module(model, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    return list(dict.fromkeys(pairs))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Make `model` (in place) quantizable: BN folded, layers wrapped, matmuls routed. All disabled."""
+    fold_batchnorm(model, example)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            _set_module(model, name, QuantLayer(module))
+    attention = _leaf_attention(model).values()
+    for module in attention:
+        module.hyq_matmuls = None  # count the matmuls of one forward call first
+        module.forward = functools.partial(_routed_forward, module, module.forward)
+    model(example)
+    for module in attention:
+        for i in range(module.hyq_matmul_calls):
+            module.add_module(f"matmul{i}", QuantMatMul())
+        module.hyq_matmuls = [getattr(module, f"matmul{i}") for i in range(module.hyq_matmul_calls)]
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer | QuantMatMul]:
+    """Every quantizable layer of a prepared model by name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLayer, QuantMatMul))}
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the quantizable layers in the order a forward pass first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _, __, n=n: order.append(n) if n not in order else None)
+               for n, m in quant_layers(model).items()]
+    model(example)
+    for h in handles:
+        h.remove()
+    return order
+
+
+def set_enabled(model: nn.Module, enabled: bool, names: Iterable[str] | None = None) -> None:
+    """Switch quantization on or off for the named layers (all when None)."""
+    layers = quant_layers(model)
+    for name in names if names is not None else layers:
+        layers[name].enabled = enabled
