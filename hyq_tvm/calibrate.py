@@ -11,7 +11,7 @@ from torch import nn
 from . import data, zoo
 from .errors import HyqError, run_cli
 from .quant.baselines.minmax import calibrate_minmax
-from .quant.modules import prepare
+from .quant.modules import MODES, prepare
 from .quant.plan import QuantPlan, layers_to_json
 from .quant.qhyvit import GRANULARITIES, SCHEMES, QHyViT, QHyViTConfig
 from .quant.quantizer import check_bits
@@ -19,23 +19,24 @@ from .quant.quantizer import check_bits
 METHODS = ("qhyvit", "minmax")
 
 
-def prepared_model(name: str, weights: str | Path | None) -> tuple[nn.Module, zoo.ModelInfo]:
+def prepared_model(name: str, weights: str | Path | None, mode: str = "partial") -> tuple[nn.Module, zoo.ModelInfo]:
     """The model with its weights, BN folded and quantizers attached (all disabled)."""
     model, info = zoo.load_model(name, weights)
-    prepare(model, torch.zeros(1, 3, info.img_size, info.img_size))
+    prepare(model, torch.zeros(1, 3, info.img_size, info.img_size), mode)
     return model, info
 
 
 def calibrate(name: str, weights: str | Path | None = None, dataset: str | Path | None = None,
               method: str = "qhyvit", wbits: int = 8, abits: int = 8, images: int = data.CALIBRATION_IMAGES,
-              seed: int = 0, granularities=GRANULARITIES, schemes=SCHEMES, progress: bool = True
+              seed: int = 0, granularities=GRANULARITIES, schemes=SCHEMES, mode: str = "partial",
+              progress: bool = True
               ) -> tuple[QuantPlan, nn.Module]:
     """Calibrate `name` with `method`; returns the plan and the quantized (fake-quant) model."""
     check_bits(wbits, "--wbits")
     check_bits(abits, "--abits")
     if method not in METHODS:
         raise HyqError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    model, info = prepared_model(name, weights)
+    model, info = prepared_model(name, weights, mode)
     calib = data.calibration_set(data.open_dataset(dataset, "train", info.img_size, info.mean, info.std), images, seed)
     bridges = zoo.find_bridge_blocks(model)
     start = time.perf_counter()
@@ -53,7 +54,7 @@ def calibrate(name: str, weights: str | Path | None = None, dataset: str | Path 
         model={"name": name, "num_classes": info.num_classes, "img_size": info.img_size,
                "input_shape": [1, 3, info.img_size, info.img_size], "mean": list(info.mean), "std": list(info.std),
                "weights": info.weights, "weights_sha256": info.weights_sha256, "dataset": info.dataset},
-        calibration={"method": method, "wbits": wbits, "abits": abits, "mode": "partial", "images": images,
+        calibration={"method": method, "wbits": wbits, "abits": abits, "mode": mode, "images": images,
                      "seed": seed, "dataset": str(dataset) if dataset else "fashion-mnist",
                      "seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(), **extra},
         layers=layers_to_json(model, bridges),
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Q-HyViT activation granularity: searched, or fixed (ablation)")
     p.add_argument("--scheme", default="search", choices=("search",) + SCHEMES,
                    help="Q-HyViT activation scheme: searched, or fixed (ablation)")
+    p.add_argument("--mode", default="partial", choices=MODES,
+                   help="partial: softmax, LayerNorm and GroupNorm stay float; full: their inputs are quantized too")
     p.add_argument("-o", "--output", type=Path, required=True, help="QuantPlan JSON to write")
     return p.parse_args(argv)
 
@@ -85,7 +88,7 @@ def main(argv=None) -> None:
     plan, _ = calibrate(args.model, args.weights, args.data, args.method, args.wbits, args.abits, args.images,
                         args.seed,
                         GRANULARITIES if args.granularity == "search" else (args.granularity,),
-                        SCHEMES if args.scheme == "search" else (args.scheme,))
+                        SCHEMES if args.scheme == "search" else (args.scheme,), args.mode)
     plan.save(args.output)
     print(f"{args.model} {args.method} W{args.wbits}A{args.abits}: {len(plan.layers)} layers calibrated in"
           f" {plan.calibration['seconds']:.1f} s -> {args.output}")

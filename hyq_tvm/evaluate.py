@@ -16,7 +16,7 @@ from .quant.plan import QuantPlan, apply_plan
 
 def quantized_model(plan: QuantPlan, weights: str | Path | None = None) -> nn.Module:
     """The plan's model with its weights, every quantizer loaded from the plan and enabled."""
-    model, info = prepared_model(plan.model["name"], weights)
+    model, info = prepared_model(plan.model["name"], weights, plan.calibration.get("mode", "partial"))
     apply_plan(model, plan, info.weights_sha256)
     return model
 

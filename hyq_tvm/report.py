@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from . import data, zoo
 from .calibrate import calibrate
 from .errors import run_cli
@@ -125,6 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", nargs="+", type=int, default=list(BITS))
     p.add_argument("--ablation-bits", type=int, default=4, help="bit-width of the ablation (0: skip it)")
     p.add_argument("--limit", type=int, default=None, help="test images per evaluation (default: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--work-dir", type=Path, default=Path("runs/report"))
     return p.parse_args(argv)
@@ -132,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for model in args.models:
         zoo.model_spec(model)
     cache = RowCache(args.work_dir / "rows.json")

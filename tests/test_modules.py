@@ -80,3 +80,22 @@ def test_grouped_conv_folds_per_group():
     folded = layer.folded_weight(act)
     assert torch.allclose(folded[:2], conv.weight[:2] * act.scale[:3].view(1, 3, 1, 1))
     assert torch.allclose(folded[2:], conv.weight[2:] * act.scale[3:].view(1, 3, 1, 1))
+
+
+def test_full_mode_quantizes_norm_and_softmax_inputs():
+    from collections import Counter
+    from hyq_tvm.quant.modules import QuantAct
+    from hyq_tvm.quant.baselines.minmax import calibrate_minmax
+    model = zoo.build_model("mobilevit_xxs", 10, 64).eval()
+    x = torch.randn(4, 3, 64, 64)
+    expected = model(x)
+    prepare(model, x[:1], mode="full")
+    layers = quant_layers(model)
+    assert Counter(layer.op for layer in layers.values()) == {
+        "linear": 37, "conv2d": 35, "norm": 21, "matmul": 18, "softmax": 9}
+    softmax = layers["stages.2.1.transformer.0.attn.softmax0"]
+    assert isinstance(softmax, QuantAct) and softmax.act_axis is None
+    assert layers["stages.2.1.transformer.0.norm1"].act_axis == -1
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    calibrate_minmax(model, x, 8, 8)
+    assert softmax.enabled and not torch.equal(model(x), expected)

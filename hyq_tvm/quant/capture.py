@@ -14,7 +14,7 @@ def capture_inputs(model: nn.Module, images: torch.Tensor, names=None) -> dict[s
     names = list(layers) if names is None else list(names)
     captured: dict[str, tuple[torch.Tensor, ...]] = {}
     handles = [layers[n].register_forward_pre_hook(
-        lambda _, args, n=n: captured.__setitem__(n, tuple(a.detach() for a in args))) for n in names]
+        lambda _, args, n=n: captured.__setitem__(n, tuple(a.detach().clone() for a in args if torch.is_tensor(a)))) for n in names]
     try:
         model(images)
     finally:

@@ -2,8 +2,10 @@
 
 `prepare` folds every BatchNorm that directly follows a convolution into it, wraps every Conv2d and
 Linear in a QuantLayer and gives every attention module one QuantMatMul per activation-by-activation
-matmul it performs (q @ k^T, attn @ v), named `<attention>.matmul<i>` in call order. A layer's
-name is the module path of the wrapped module in the timm model: the key of the QuantPlan.
+matmul it performs (q @ k^T, attn @ v), named `<attention>.matmul<i>` in call order. In full mode
+(paper's Table III) the inputs of LayerNorm / GroupNorm modules and of attention softmaxes
+(`<attention>.softmax<i>`) are quantized too (QuantAct); partial mode leaves them in float. A
+layer's name is the module path of the wrapped module in the timm model: the key of the QuantPlan.
 
 Arithmetic of a quantized conv / linear layer, exactly as the integer graph computes it:
     x_int = clip(round(x / s_a) + z_a) - z_a                          (s_a, z_a per tensor or per input channel)
@@ -26,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .quantizer import QuantParams
 
 _MATMUL_NAMES = ("matmul", "__matmul__")
+MODES = ("partial", "full")
 
 
 class QuantLayer(nn.Module):
@@ -96,28 +99,60 @@ class QuantMatMul(nn.Module):
         return torch.matmul(a, b)
 
 
-class _MatmulRouter(TorchFunctionMode):
-    """Sends the i-th matmul of a forward call to `matmuls[i]`; counts them when `matmuls` is None."""
+class QuantAct(nn.Module):
+    """A float operation (LayerNorm, GroupNorm, softmax) whose input is quantized in full mode."""
 
-    def __init__(self, matmuls: list[QuantMatMul] | None):
+    def __init__(self, op: str, act_axis: int | None, inner: nn.Module | None = None, call=None):
         super().__init__()
-        self.matmuls = matmuls
-        self.count = 0
+        self.op = op            # "norm" or "softmax"
+        self.act_axis = act_axis  # channel axis for channel-wise quantization, None: layer-wise only
+        self.inner = inner
+        self.call = call        # softmax: (function, extra args, kwargs) as called in the model
+        self.act: QuantParams | None = None
+        self.enabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            x = self.act.fake_quantize(x)
+        if self.inner is not None:
+            return self.inner(x)
+        func, rest, kwargs = self.call
+        return func(x, *rest, **kwargs)
+
+
+def _routed_kind(func) -> str | None:
+    name = getattr(func, "__name__", "")
+    return "matmul" if name in _MATMUL_NAMES else "softmax" if name == "softmax" else None
+
+
+class _Router(TorchFunctionMode):
+    """Sends the i-th matmul (and softmax, in full mode) of an attention forward to its i-th module.
+
+    In the counting pass (`module.hyq_routes[kind]` is None) it records the calls instead.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.calls: dict[str, list] = {kind: [] for kind in module.hyq_routes}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _MATMUL_NAMES and len(args) == 2 and not kwargs:
-            index, self.count = self.count, self.count + 1
-            if self.matmuls is not None:
-                return self.matmuls[index](*args)
+        kind = _routed_kind(func)
+        if kind in self.calls and (kind != "matmul" or (len(args) == 2 and not kwargs)):
+            targets = self.module.hyq_routes[kind]
+            index = len(self.calls[kind])
+            self.calls[kind].append((func, args[1:], kwargs))
+            if targets is not None:
+                return targets[index](*args) if kind == "matmul" else targets[index](args[0])
         return func(*args, **kwargs)
 
 
 def _routed_forward(module: nn.Module, forward, *args, **kwargs):
-    router = _MatmulRouter(module.hyq_matmuls)
+    router = _Router(module)
     with router:
         out = forward(*args, **kwargs)
-    module.hyq_matmul_calls = router.count
+    module.hyq_calls = router.calls
     return out
 
 
@@ -169,28 +204,49 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _norm_axis(module: nn.Module) -> int:
+    """Channel axis of a norm's input: 1 for NCHW GroupNorm / LayerNorm2d, -1 for LayerNorm."""
+    return 1 if isinstance(module, nn.GroupNorm) or type(module).__name__.endswith("2d") else -1
+
+
 @torch.no_grad()
-def prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Make `model` (in place) quantizable: BN folded, layers wrapped, matmuls routed. All disabled."""
+def prepare(model: nn.Module, example: torch.Tensor, mode: str = "partial") -> nn.Module:
+    """Make `model` (in place) quantizable: BN folded, layers wrapped, matmuls routed. All disabled.
+
+    mode "partial" quantizes conv, linear and matmul inputs; "full" also norm and softmax inputs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
     fold_batchnorm(model, example)
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False  # calibration keeps outputs and their gradients
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             _set_module(model, name, QuantLayer(module))
+        elif mode == "full" and isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            _set_module(model, name, QuantAct("norm", _norm_axis(module), inner=module))
     attention = _leaf_attention(model).values()
+    kinds = ("matmul", "softmax") if mode == "full" else ("matmul",)
     for module in attention:
-        module.hyq_matmuls = None  # count the matmuls of one forward call first
+        module.hyq_routes = dict.fromkeys(kinds)  # None: count the calls of one forward first
         module.forward = functools.partial(_routed_forward, module, module.forward)
     model(example)
     for module in attention:
-        for i in range(module.hyq_matmul_calls):
-            module.add_module(f"matmul{i}", QuantMatMul())
-        module.hyq_matmuls = [getattr(module, f"matmul{i}") for i in range(module.hyq_matmul_calls)]
+        routes = {}
+        for kind, calls in module.hyq_calls.items():
+            routes[kind] = []
+            for i, call in enumerate(calls):
+                routed = QuantMatMul() if kind == "matmul" else QuantAct("softmax", None, call=call)
+                module.add_module(f"{kind}{i}", routed)
+                routes[kind].append(routed)
+        module.hyq_routes = routes
     return model
 
 
-def quant_layers(model: nn.Module) -> dict[str, QuantLayer | QuantMatMul]:
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer | QuantMatMul | QuantAct]:
     """Every quantizable layer of a prepared model by name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLayer, QuantMatMul))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLayer, QuantMatMul, QuantAct))}
 
 
 @torch.no_grad()

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..errors import HyqError
 from ..fileio import write_json
-from .modules import QuantLayer, QuantMatMul, quant_layers
+from .modules import QuantAct, QuantMatMul, quant_layers
 from .quantizer import QuantParams, QuantSpec, qrange
 
 FORMAT = "hyq-tvm/quantplan"
 VERSION = 1
-OPS = ("conv2d", "linear", "matmul")
+OPS = ("conv2d", "linear", "matmul", "norm", "softmax")
+WEIGHTED_OPS = ("conv2d", "linear")
 
 
 @dataclass
@@ -67,6 +68,8 @@ class QuantPlan:
         for key in ("name", "num_classes", "img_size", "input_shape", "weights_sha256"):
             if key not in obj["model"]:
                 raise HyqError(f"{where}: model.{key} is missing")
+        if obj["calibration"].get("mode", "partial") not in ("partial", "full"):
+            raise HyqError(f"{where}: calibration.mode must be 'partial' or 'full'")
         if not obj["layers"]:
             raise HyqError(f"{where} quantizes no layer")
         for name, layer in obj["layers"].items():
@@ -108,11 +111,10 @@ def _check_layer(layer: Any, where: str) -> None:
         raise HyqError(f"{where}: a {layer['op']} layer has {expected} quantized input(s)")
     for i, t in enumerate(inputs):
         _check_tensor(t, f"{where} input {i}")
-    if layer["op"] == "matmul":
-        if layer.get("weight") is not None:
-            raise HyqError(f"{where}: a matmul has no weight quantizer")
-    else:
+    if layer["op"] in WEIGHTED_OPS:
         _check_tensor(layer.get("weight"), f"{where} weight")
+    elif layer.get("weight") is not None:
+        raise HyqError(f"{where}: a {layer['op']} has no weight quantizer")
 
 
 def params_to_json(p: QuantParams) -> dict[str, Any]:
@@ -136,6 +138,8 @@ def layers_to_json(model: nn.Module, bridges: list) -> dict[str, dict[str, Any]]
     for name, layer in quant_layers(model).items():
         if isinstance(layer, QuantMatMul):
             out[name] = {"op": "matmul", "inputs": [params_to_json(p) for p in layer.acts], "weight": None}
+        elif isinstance(layer, QuantAct):
+            out[name] = {"op": layer.op, "inputs": [params_to_json(layer.act)], "weight": None}
         else:
             out[name] = {"op": layer.op, "inputs": [params_to_json(layer.act)],
                          "weight": params_to_json(layer.weight)}
@@ -161,6 +165,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan, weights_sha256: str | None) ->
         acts = [params_from_json(t) for t in entry["inputs"]]
         if isinstance(layer, QuantMatMul):
             layer.acts = acts
+        elif isinstance(layer, QuantAct):
+            layer.act = acts[0]
         else:
             layer.act, layer.weight = acts[0], params_from_json(entry["weight"])
             channels = layer.inner.weight.shape[0]

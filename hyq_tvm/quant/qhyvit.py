@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..zoo import BridgeBlock
 from .capture import capture_inputs
-from .modules import QuantLayer, QuantMatMul, forward_order, quant_layers
+from .modules import QuantAct, QuantLayer, QuantMatMul, forward_order, quant_layers
 from .quantizer import QuantParams, QuantSpec, minmax_params, params_from_range, reduce_range
 
 GRANULARITIES = ("tensor", "channel")
@@ -72,21 +72,32 @@ class SearchReport:
 
 
 class _Objective:
-    """Hessian-weighted squared error against full-precision outputs at one observation point."""
+    """Hessian-guided squared error against full-precision outputs at one observation point.
 
-    def __init__(self, target: torch.Tensor, grad: torch.Tensor, channel_axis: int | None = None):
+    The diagonal Hessian is approximated by the squared loss gradient (empirical Fisher), averaged
+    over the calibration images and positions for each channel: a per-sample, per-position
+    estimate from 32 images is dominated by the few least confident images.
+    """
+
+    def __init__(self, target: torch.Tensor, grad: torch.Tensor, channel_axis: int):
         self.target = target
-        self.weight = grad.pow(2)
-        self.weight = self.weight / self.weight.mean().clamp(min=1e-30)
-        self.channel_axis = channel_axis
+        self.channel_axis = channel_axis % target.ndim
+        dims = [d for d in range(target.ndim) if d != self.channel_axis]
+        fisher = grad.pow(2).mean(dim=dims, keepdim=True)
+        self.weight = fisher / fisher.mean().clamp(min=1e-30)
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         return ((out - self.target).pow(2) * self.weight).mean()
 
     def per_channel(self, out: torch.Tensor) -> torch.Tensor:
         err = (out - self.target).pow(2) * self.weight
-        axis = self.channel_axis % err.ndim
+        axis = self.channel_axis
         return err.transpose(0, axis).reshape(err.shape[axis], -1).mean(dim=1)
+
+
+def _channel_axis(t: torch.Tensor) -> int:
+    """Channel axis of an observed output: 1 for NCHW maps (or heads), last for token sequences."""
+    return 1 if t.ndim == 4 else -1
 
 
 def _hessian_targets(model: nn.Module, images: torch.Tensor, names: list[str]):
@@ -96,7 +107,7 @@ def _hessian_targets(model: nn.Module, images: torch.Tensor, names: list[str]):
 
     def hook(name):
         def fn(_, __, out):
-            outputs[name] = out.detach()
+            outputs[name] = out.detach().clone()  # later in-place activations would overwrite it
             out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
         return fn
 
@@ -153,8 +164,7 @@ class QHyViT:
                 self._search_layer(name, inputs[name], None)
                 continue
             block = self.bridges[bridge]
-            block_in = inputs[block.members[0]] if block.members[0] in inputs else \
-                self._block_input(block, images)
+            block_in = self._block_input(block, images)
             layer_in = self._layer_input_in_block(name, block, block_in)
             self._search_layer(name, layer_in, (block, block_in))
             self.layers[name].enabled = True  # bridge layers stay quantized
@@ -170,7 +180,7 @@ class QHyViT:
     def _block_input(self, block: BridgeBlock, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         captured = {}
         handle = self.modules[block.members[0]].register_forward_pre_hook(
-            lambda _, args: captured.setdefault("x", tuple(a.detach() for a in args)))
+            lambda _, args: captured.setdefault("x", tuple(a.detach().clone() for a in args)))
         try:
             self.model(images)
         finally:
@@ -186,7 +196,7 @@ class QHyViT:
     def _layer_input_in_block(self, name, block, block_in):
         captured = {}
         handle = self.layers[name].register_forward_pre_hook(
-            lambda _, args: captured.setdefault("x", tuple(a.detach() for a in args)))
+            lambda _, args: captured.setdefault("x", tuple(a.detach().clone() for a in args)))
         try:
             self._run_block(block, block_in)
         finally:
@@ -196,17 +206,20 @@ class QHyViT:
     def _search_layer(self, name: str, layer_in, block_ctx) -> None:
         layer = self.layers[name]
         if block_ctx is None:
-            objective = _Objective(self.fp_out[name], self.grads[name])
+            objective = _Objective(self.fp_out[name], self.grads[name], _channel_axis(self.fp_out[name]))
             evaluate = lambda: objective(layer(*layer_in))  # noqa: E731
         else:
             block, block_in = block_ctx
-            objective = _Objective(self.fp_out[block.output], self.grads[block.output])
+            out = self.fp_out[block.output]
+            objective = _Objective(out, self.grads[block.output], _channel_axis(out))
             evaluate = lambda: objective(self._run_block(block, block_in))  # noqa: E731
         layer.enabled = True
         if isinstance(layer, QuantMatMul):
             choice = self._search_matmul(layer, layer_in, evaluate)
+        elif isinstance(layer, QuantAct):
+            choice = self._search_input(layer, layer_in[0], evaluate)
         else:
-            weight_objective = _Objective(self.fp_out[name], self.grads[name], channel_axis=layer.act_axis)
+            weight_objective = _Objective(self.fp_out[name], self.grads[name], layer.act_axis)
             choice = self._search_weighted(layer, layer_in[0], evaluate, weight_objective)
         choice.bridge = None if block_ctx is None else self.bridges.index(block_ctx[0])
         layer.enabled = False
@@ -222,7 +235,7 @@ class QHyViT:
         """Best activation quantizer on the grid, and its error."""
         def error_at(i):
             apply(make(int(i)))
-            return torch.tensor([float(evaluate())])
+            return torch.tensor([float(evaluate().detach())])
         index, err = _grid_search(self.config.candidates, error_at, 1)
         best = make(int(index))
         apply(best)
@@ -249,6 +262,20 @@ class QHyViT:
                 if best is None or err < best[0]:
                     best = (err, layer.act, layer.weight, granularity, scheme)
         err, layer.act, layer.weight, granularity, scheme = best
+        return LayerChoice(granularity, (scheme,), err, None)
+
+    def _search_input(self, layer: QuantAct, x, evaluate) -> LayerChoice:
+        """Granularity, scheme and scale of the input of a float operation (full mode)."""
+        granularities = self.config.granularities if layer.act_axis is not None else ("tensor",)
+        best = None
+        for granularity in granularities:
+            for scheme in self.config.schemes:
+                spec = QuantSpec(self.config.abits, scheme == "symmetric",
+                                 None if granularity == "tensor" else layer.act_axis)
+                act, err = self._search_act(self._act_params(x, spec), lambda a: setattr(layer, "act", a), evaluate)
+                if best is None or err < best[0]:
+                    best = (err, act, granularity, scheme)
+        err, layer.act, granularity, scheme = best
         return LayerChoice(granularity, (scheme,), err, None)
 
     def _search_weight_etas(self, layer: QuantLayer, x, wspec, objective) -> torch.Tensor:
@@ -282,13 +309,13 @@ class QHyViT:
 def _grid_search(size: int, error_at, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarse-to-fine argmin over grid indices 0..size-1, independently for each of `channels`.
 
-    Every sqrt(size)-th index first, then every index around each channel's coarse best: about
-    2 sqrt(size) evaluations reach any point of the full grid near the optimum.
+    Every sqrt(size)-th index first, then every index within sqrt(size)/2 of each channel's coarse
+    best: about 2 sqrt(size) evaluations reach any point of the full grid near the optimum.
     """
     stride = max(1, round(size ** 0.5))
     coarse = [torch.full((channels,), i) for i in range(stride // 2, size, stride)]
     best, _ = _argmin(coarse, error_at)
-    fine = [torch.clamp(best + k, 0, size - 1) for k in range(-(stride // 2), stride - stride // 2)]
+    fine = [torch.clamp(best + k, 0, size - 1) for k in range(-(stride // 2), stride // 2 + 1)]
     return _argmin(fine, error_at)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..capture import capture_inputs
-from ..modules import QuantMatMul, quant_layers
+from ..modules import QuantAct, QuantMatMul, quant_layers
 from ..quantizer import QuantSpec, minmax_params
 
 
@@ -17,6 +17,8 @@ def calibrate_minmax(model: nn.Module, images: torch.Tensor, wbits: int, abits: 
     for name, layer in quant_layers(model).items():
         if isinstance(layer, QuantMatMul):
             layer.acts = [minmax_params(act_spec, x) for x in inputs[name]]
+        elif isinstance(layer, QuantAct):
+            layer.act = minmax_params(act_spec, inputs[name][0])
         else:
             layer.act = minmax_params(act_spec, inputs[name][0])
             layer.weight = minmax_params(QuantSpec(wbits, True, 0), layer.folded_weight(layer.act))
