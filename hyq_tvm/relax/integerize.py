@@ -1,0 +1,388 @@
+"""Relax passes that turn QDQ-annotated conv2d / matmul into integer arithmetic.
+
+The QuantPlan reaches the compiler as `relax.op.quantize` / `relax.op.dequantize` around every
+quantized op. `integerize` finds, with tvm.relax.dpl patterns,
+
+    [quantize(] [add(] OP(dequantize(x_q, s_a, z_a), B) [, bias)] [, s_o, z_o)]
+
+where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B is the weight
+`dequantize(w_q const, s_w, 0)` (per tensor or per output channel; for matmul also under
+`permute_dims`, the form of a linear layer) or, for matmul, a dequantized activation. It emits
+
+    acc = OP(x_q, w_q, out_dtype=int32)            int8 x int8 -> int32
+        + offset                                   int32: bias / (s_a * s_w) rounded, minus the zero-point term
+    then, when quantized:   requantize(acc, multiplier s_a * s_w / s_o as Q31 + shift, z_o) -> int8 (requant.py)
+    else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
+
+Scales and zero points must be constants. Anything that cannot be integerized raises a HyqError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from ..errors import HyqError
+from .reference import INT32, along
+from .requant import fixed_point_multiplier, quantize_bias
+
+INTEGER_OPS = ("relax.nn.conv2d", "relax.matmul")
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """A dequantized operand: the integer tensor and its constant scale and zero point."""
+
+    data: relax.Expr
+    scale: np.ndarray       # float64, () or (C,)
+    zero_point: np.ndarray  # int64, () or (C,)
+    axis: int               # non-negative channel axis of `data`
+
+    @property
+    def values(self) -> np.ndarray | None:
+        return self.data.value.numpy() if isinstance(self.data, tvm.ir.expr.Constant) else None
+
+
+@dataclass(frozen=True)
+class _Core:
+    """An integer conv2d / matmul: its int32 result, constant int32 offset and per-channel scale."""
+
+    acc: relax.Expr
+    offset: np.ndarray | None  # int64, broadcasts against acc
+    scale: np.ndarray          # float64 accumulator scale, () or (C,) along `axis`
+    axis: int
+
+
+def _patterns():
+    """(root of a quantized-output match, root of a float-output match, named sub-patterns)."""
+    a = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    b = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    b_t = is_op("relax.permute_dims")(b)
+    conv = is_op("relax.nn.conv2d")(a, b)
+    matmul = is_op("relax.matmul")(a, b | b_t)
+    core = conv | matmul
+    bias = is_op("relax.add")(core, is_const())
+    quant = is_op("relax.quantize")(bias | core, is_const(), is_const())
+    return quant, core, dict(a=a, b=b, b_t=b_t, conv=conv, matmul=matmul, bias=bias)
+
+
+def _shape(expr: relax.Expr, where: str) -> tuple[int, ...]:
+    shape = expr.ty.shape
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        raise HyqError(f"{where}: needs a static shape, got {shape}")
+    return tuple(int(d) for d in shape)
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _qparams(call: relax.Call, ndim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scale (float64) and zero point (int64), each () or (C,), and the axis of a (de)quantize call."""
+    s = call.args[1].value.numpy().astype(np.float64).reshape(-1)
+    z = call.args[2].value.numpy().astype(np.int64).reshape(-1)
+    return (s.reshape(()) if s.size == 1 else s), (z.reshape(()) if z.size == 1 else z), int(call.attrs.axis) % ndim
+
+
+def _operand(dq: relax.Call, where: str) -> _Operand:
+    """Read a dequantize call: its int8 input and constant scale / zero point."""
+    data = dq.args[0]
+    if _dtype(data) != "int8":
+        raise HyqError(f"{where}: dequantizes {_dtype(data)}; only int8 tensors are integerized")
+    return _Operand(data, *_qparams(dq, data.ty.ndim))
+
+
+def _transposed(op: _Operand, perm_call: relax.Call) -> _Operand:
+    """The operand seen through permute_dims (a linear layer's transposed weight)."""
+    ndim = op.data.ty.ndim
+    axes = list(range(ndim))[::-1] if perm_call.attrs.axes is None else [int(i) for i in perm_call.attrs.axes]
+    if op.values is not None:
+        data = relax.const(np.transpose(op.values, axes))
+    else:
+        data = relax.op.permute_dims(op.data, axes)
+    return replace(op, data=data, axis=axes.index(op.axis))
+
+
+def _uniform(values: np.ndarray) -> np.ndarray | None:
+    """The single value of a scalar or constant vector, else None."""
+    return values.reshape(-1)[:1].reshape(()) if np.all(values == values.reshape(-1)[0]) else None
+
+
+def _per_channel(values: np.ndarray, op: _Operand, axis: int, channels: int, what: str, where: str) -> np.ndarray:
+    """A scale or zero point as () or (channels,), checking it runs along `axis`."""
+    uniform = _uniform(values)
+    if uniform is not None:
+        return uniform
+    if op.axis != axis or values.size != channels:
+        raise HyqError(f"{where}: {what} is per channel along axis {op.axis} ({values.size} values);"
+                       f" only axis {axis} with {channels} channels can be integerized")
+    return values
+
+
+def _weight(op: _Operand, axis: int, channels: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, scale () or (channels,)) of a constant, symmetric weight."""
+    if op.values is None:
+        raise HyqError(f"{where}: the weight is not a constant")
+    if np.any(op.zero_point != 0):
+        raise HyqError(f"{where}: the weight has non-zero zero points; weights must be symmetric")
+    return op.values, _per_channel(op.scale, op, axis, channels, "the weight scale", where)
+
+
+def _conv_zero_correction(z_a: np.ndarray, w: np.ndarray, in_hw, attrs) -> np.ndarray:
+    """conv2d(Z, w) for the input Z that holds z_a[c] everywhere: the term z_a contributes.
+
+    Zero padding makes it vary near the borders; it is computed separably as
+    sum_kh,kw valid_h[oh, kh] * valid_w[ow, kw] * sum_c z_a[c] * w[o, c, kh, kw].
+    """
+    o, cg, kh, kw = w.shape
+    groups = int(attrs.groups)
+    z = np.broadcast_to(z_a, (groups * cg,)).reshape(groups, 1, cg, 1, 1).astype(np.int64)
+    per_tap = (w.astype(np.int64).reshape(groups, o // groups, cg, kh, kw) * z).sum(axis=2).reshape(o, kh, kw)
+    pad = [int(p) for p in attrs.padding]
+    valid = []
+    for size, k, s, d, lo, hi in zip(in_hw, (kh, kw), attrs.strides, attrs.dilation, pad[:2], pad[2:]):
+        s, d = int(s), int(d)
+        out = (size + lo + hi - d * (k - 1) - 1) // s + 1
+        pos = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
+        valid.append(((pos >= 0) & (pos < size)).astype(np.int64))
+    corr = np.einsum("hk,wl,okl->ohw", valid[0], valid[1], per_tap)[None]
+    return corr[:, :, :1, :1] if np.all(corr == corr[:, :, :1, :1]) else corr
+
+
+def _conv2d(call: relax.Call, a: _Operand, w: _Operand, where: str) -> _Core:
+    """int8 conv2d with int32 accumulation; the activation scale must be constant within each group."""
+    attrs = call.attrs
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+    if layouts != ("NCHW", "OIHW", "NCHW"):
+        raise HyqError(f"{where}: layouts {'/'.join(layouts)}; only NCHW/OIHW/NCHW is integerized")
+    in_shape = _shape(a.data, where)
+    w_q, s_w = _weight(w, 0, _shape(w.data, where)[0], where)
+    groups, out_ch = int(attrs.groups), w_q.shape[0]
+    s_a = _per_channel(a.scale, a, 1, in_shape[1], "the input scale", where)
+    if s_a.ndim:
+        per_group = s_a.reshape(groups, -1)
+        if np.any(per_group != per_group[:, :1]):
+            raise HyqError(f"{where}: the input scale varies within a convolution group;"
+                           " fold channel-wise input scales into the weight")
+        s_a = np.repeat(per_group[:, 0], out_ch // groups)
+    z_a = _per_channel(a.zero_point, a, 1, in_shape[1], "the input zero point", where)
+    acc = relax.op.nn.conv2d(a.data, relax.const(w_q), strides=attrs.strides, padding=attrs.padding,
+                             dilation=attrs.dilation, groups=groups, out_dtype="int32")
+    offset = -_conv_zero_correction(z_a, w_q, in_shape[2:], attrs) if np.any(z_a) else None
+    return _Core(acc, offset, s_a * s_w, 1)
+
+
+def _matmul_weight(a: _Operand, b: _Operand, where: str) -> _Core:
+    """int8 x @ W with a constant (K, N) weight, per-tensor or per-N weight scales."""
+    if b.values.ndim != 2:
+        raise HyqError(f"{where}: a constant matmul operand must be a 2-D weight, got {b.values.ndim}-D")
+    k = b.values.shape[0]
+    w_q, s_w = _weight(b, 1, b.values.shape[1], where)
+    z_a = _per_channel(a.zero_point, a, _last(a), k, "the input zero point", where)
+    acc = relax.op.matmul(a.data, relax.const(w_q), out_dtype="int32")
+    offset = -(np.broadcast_to(z_a, (k,)) @ w_q.astype(np.int64)) if np.any(z_a) else None
+    return _Core(acc, offset, _scalar(a.scale, "the input scale", where) * s_w, -1)
+
+
+def _matmul_activations(a: _Operand, b: _Operand, where: str) -> _Core:
+    """int8 a @ b of two activations (per-tensor quantized) with the zero-point terms computed at run time."""
+    s_a, s_b = _scalar(a.scale, "the scale of A", where), _scalar(b.scale, "the scale of B", where)
+    z_a, z_b = _scalar(a.zero_point, "the zero point of A", where), _scalar(b.zero_point, "the zero point of B", where)
+    acc = relax.op.matmul(a.data, b.data, out_dtype="int32")
+    if z_a:
+        col = relax.op.sum(relax.op.astype(b.data, "int32"), axis=[-2], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(col, relax.const(int(z_a), "int32")))
+    if z_b:
+        row = relax.op.sum(relax.op.astype(a.data, "int32"), axis=[-1], keepdims=True)
+        acc = relax.op.subtract(acc, relax.op.multiply(row, relax.const(int(z_b), "int32")))
+    k = _shape(a.data, where)[-1]
+    offset = np.array(k * int(z_a) * int(z_b), np.int64) if z_a and z_b else None
+    return _Core(acc, offset, s_a * s_b, -1)
+
+
+def _last(op: _Operand) -> int:
+    return op.data.ty.ndim - 1
+
+
+def _scalar(values: np.ndarray, what: str, where: str) -> np.ndarray:
+    """A per-tensor value; a HyqError when it is a varying per-channel one."""
+    value = _uniform(values)
+    if value is None:
+        raise HyqError(f"{where}: {what} must be per tensor here (it is summed over)")
+    return value
+
+
+class _Integerizer:
+    """The rewriters and the requantization PrimFuncs they add to the module."""
+
+    def __init__(self, mod: tvm.IRModule):
+        self.builder = relax.BlockBuilder(mod)
+        self.requant_funcs: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.quant, self.core, self.named = _patterns()
+
+    def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
+        """'<op> <var> in @<function>' for the binding that computes `call`."""
+        name = next((b.var.name for block in func.body.blocks for b in block.bindings
+                     if b.value.same_as(call)), "?")
+        return f"{call.op.name} '{name}' in @{func_name}"
+
+    def core_of(self, m: dict, where: str) -> _Core:
+        """The integer conv2d / matmul of a match."""
+        n = self.named
+        a = _operand(m[n["a"]], where)
+        b = _operand(m[n["b"]], where)
+        if n["conv"] in m:
+            return _conv2d(m[n["conv"]], a, b, where)
+        if n["b_t"] in m:
+            b = _transposed(b, m[n["b_t"]])
+        return _matmul_weight(a, b, where) if b.values is not None else _matmul_activations(a, b, where)
+
+    def requant_func(self, shape, axis: int, channels: int, left_shift: bool, out_dtype: str) -> tvm.ir.GlobalVar:
+        """The module's requantization PrimFunc for these parameters, added on first use."""
+        key = (shape, axis, channels, left_shift, out_dtype)
+        if key not in self.requant_funcs:
+            name = f"hyq_requantize{len(self.requant_funcs)}"
+            prim = requantize_primfunc(shape, axis, channels, left_shift, out_dtype).with_attr("global_symbol", name)
+            self.requant_funcs[key] = self.builder.add_func(prim, name)
+        return self.requant_funcs[key]
+
+    def accumulate(self, core: _Core, bias: np.ndarray | None, ndim: int, where: str) -> relax.Expr:
+        """acc + (bias / scale rounded + offset) in int32."""
+        offset = core.offset
+        if bias is not None:
+            b = along(quantize_bias(bias, core.scale), core.axis % ndim, ndim).astype(np.int64)
+            offset = b if offset is None else offset + b
+        if offset is None:
+            return core.acc
+        if np.any(offset < INT32.min) or np.any(offset > INT32.max):
+            raise HyqError(f"{where}: the int32 bias / zero-point offset overflows")
+        return relax.op.add(core.acc, relax.const(offset.astype(np.int32)))
+
+    def quantized(self, func_name: str, func: relax.Function):
+        """Rewriter for quantize([add(] core [, bias)]): int32 accumulation, then Q31 requantization."""
+        def rewrite(root: relax.Call, m: dict) -> relax.Expr:
+            n = self.named
+            op = m[n["conv"]] if n["conv"] in m else m[n["matmul"]]
+            where = self.where(func_name, func, op)
+            core = self.core_of(m, where)
+            shape = _shape(root, where)
+            axis = core.axis % len(shape)
+            channels = shape[axis]
+            bias = None
+            if n["bias"] in m:
+                bias = _bias_vector(m[n["bias"]].args[1].value.numpy(), shape, axis, where)
+            acc = self.accumulate(core, bias, len(shape), where)
+            out = _operand_like(root, where)
+            s_o = _per_channel(out.scale, out, axis, channels, "the output scale", where)
+            z_o = _per_channel(out.zero_point, out, axis, channels, "the output zero point", where)
+            q, shift = fixed_point_multiplier(core.scale / s_o)
+            params = [np.broadcast_to(v, np.broadcast(q, shift, z_o).shape).reshape(-1).astype(np.int32)
+                      for v in (q, np.maximum(shift, 0), np.maximum(-shift, 0), z_o)]
+            width = params[0].size
+            gv = self.requant_func(shape, axis, width, bool(np.any(params[1])), str(root.attrs.out_dtype))
+            return relax.call_tir(gv, [acc, *(relax.const(p) for p in params)],
+                                  relax.TensorType(shape, str(root.attrs.out_dtype)))
+        return rewrite
+
+    def dequantized(self, func_name: str, func: relax.Function):
+        """Rewriter for a core whose output stays float: int32 accumulation, then one float multiply."""
+        def rewrite(op: relax.Call, m: dict) -> relax.Expr:
+            where = self.where(func_name, func, op)
+            core = self.core_of(m, where)
+            dtype = _dtype(op)
+            ndim = len(_shape(op, where))
+            acc = relax.op.astype(self.accumulate(core, None, ndim, where), dtype)
+            scale = along(core.scale.astype(dtype), core.axis % ndim, ndim)
+            return relax.op.multiply(acc, relax.const(scale, dtype))
+        return rewrite
+
+    def run(self, mod: tvm.IRModule) -> tvm.IRModule:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                name = gv.name_hint
+                func = _rewrite(self.quant, self.quantized(name, func), func)
+                func = _rewrite(self.core, self.dequantized(name, func), func)
+                self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
+        return self.builder.get()
+
+
+def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
+    """rewrite_call that re-raises the rewriter's HyqError (the FFI would turn it into a RuntimeError)."""
+    errors: list[HyqError] = []
+
+    def guarded(expr, matchings):
+        try:
+            return rewriter(expr, matchings)
+        except HyqError as err:
+            errors.append(err)
+            return expr
+
+    out = rewrite_call(pattern, guarded, func)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
+    """PrimFunc(acc, q, ls, rs, zp, out): out = clip(q_multiply_shift_per_axis(acc, q, ls, rs, 31) + zp, qmin, qmax).
+
+    q, ls, rs, zp hold one int32 per channel along `axis` (one in all when channels is 1);
+    `left_shift` says whether any ls is non-zero. requant.requantize is its numpy twin.
+    """
+    info = np.iinfo(out_dtype)
+    acc = te.placeholder(shape, "int32", name="acc")
+    q, ls, rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
+
+    def body(*i):
+        c = i[axis] if channels > 1 else 0
+        r = tirx.q_multiply_shift_per_axis(acc(*i), q[c], ls[c], rs[c], tirx.const(31, "int32"),
+                                           tirx.const(left_shift, "bool"), tirx.const(True, "bool"))
+        shifted = r.astype("int64") + zp[c].astype("int64")  # int64: the simplifier may move the add
+        return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
+
+    return te.create_prim_func([acc, q, ls, rs, zp, te.compute(shape, body, name="requantize")])
+
+
+def _operand_like(quant: relax.Call, where: str) -> _Operand:
+    """The scale / zero point of a quantize call, in the form of a dequantized operand."""
+    return _Operand(quant, *_qparams(quant, len(_shape(quant, where))))
+
+
+def _bias_vector(bias: np.ndarray, out_shape, axis: int, where: str) -> np.ndarray:
+    """A constant added to the output as () or a vector along the channel axis."""
+    shape = (1,) * (len(out_shape) - bias.ndim) + bias.shape
+    if len(shape) != len(out_shape) or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        raise HyqError(f"{where}: the added constant of shape {bias.shape} is not a per-channel bias")
+    return bias.astype(np.float64).reshape(-1) if bias.size > 1 else bias.astype(np.float64).reshape(())
+
+
+def _float_heavy_op(e) -> bool:
+    """Whether `e` is a conv2d / matmul with a floating-point input."""
+    return (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in INTEGER_OPS
+            and any("float" in _dtype(arg) for arg in e.args[:2]))
+
+
+def check_integer(mod: tvm.IRModule) -> None:
+    """Raise a HyqError naming the first conv2d / matmul that still computes in floating point."""
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                found: list[relax.Call] = []
+                relax.analysis.post_order_visit(
+                    binding.value, lambda e: found.append(e) if _float_heavy_op(e) else None)
+                if found:
+                    dtypes = "/".join(sorted({_dtype(arg) for arg in found[0].args[:2]}))
+                    raise HyqError(f"{found[0].op.name} '{binding.var.name}' in @{gv.name_hint} still computes in"
+                                   f" {dtypes}: its inputs are not dequantized int8 tensors with constant scales")
+
+
+def integerize(mod: tvm.IRModule) -> tvm.IRModule:
+    """Rewrite every QDQ conv2d / matmul of every Relax function into integer arithmetic (see the module doc)."""
+    out = _Integerizer(mod).run(mod)
+    check_integer(out)
+    return out

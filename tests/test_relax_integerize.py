@@ -1,0 +1,282 @@
+"""QDQ Relax graphs lowered to integer graphs: bit-exact against the numpy reference."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from hyq_tvm.errors import HyqError
+from hyq_tvm.relax import integerize
+from hyq_tvm.relax import reference as ref
+from hyq_tvm.relax.integerize import requantize_primfunc
+from hyq_tvm.relax.requant import fixed_point_multiplier, requantize
+
+RNG = np.random.default_rng(0)
+
+
+def host_target() -> tvm.target.Target:
+    """The host llvm target; AVX-512 is switched off where the kernel does not expose it (VMs)."""
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    target = {"kind": "llvm", "mcpu": cpu, "num-cores": 2}
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    features = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(target))
+    if "avx512f" in features and flags and "avx512f" not in flags:
+        target["mattr"] = ["-avx512f"]
+    return tvm.target.Target(target)
+
+
+TARGET = host_target()
+
+
+def run(mod_or_func, *args) -> np.ndarray:
+    ex = tvm.compile(mod_or_func, target=TARGET)
+    if isinstance(mod_or_func, tvm.tirx.PrimFunc):
+        *inputs, out = [tvm.runtime.tensor(a) for a in args]
+        ex(*inputs, out)
+        return out.numpy()
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def const(values, dtype: str) -> relax.Constant:
+    return relax.const(np.asarray(values, dtype=dtype), dtype)
+
+
+def dq(x, scale, zero, axis: int = -1) -> relax.Expr:
+    return relax.op.dequantize(x, const(scale, "float32"), const(zero, "int8"), axis=axis)
+
+
+def module(inputs: dict[str, tuple[tuple[int, ...], str]], body) -> tvm.IRModule:
+    """main(inputs) -> body(bb, *vars), with every op emitted in one dataflow block."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(n, relax.TensorType(s, d)) for n, (s, d) in inputs.items()]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def int8(shape) -> np.ndarray:
+    return RNG.integers(-128, 128, shape, dtype=np.int8)
+
+
+def scales(n: int, lo: float = 0.002, hi: float = 0.02) -> np.ndarray:
+    return RNG.uniform(lo, hi, n).astype(np.float32)
+
+
+HEAVY_OPS = ("relax.nn.conv2d", "relax.matmul")
+
+
+def heavy_ops(mod: tvm.IRModule) -> list[tuple[str, tuple[str, ...], str]]:
+    """(op, input dtypes, output dtype) of every conv2d / matmul in the module's Relax functions."""
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name in HEAVY_OPS:
+            found.append((e.op.name, tuple(str(a.ty.dtype) for a in e.args), str(e.ty.dtype)))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def integerized(mod: tvm.IRModule) -> tvm.IRModule:
+    """integerize(mod), checked to hold only int8 x int8 -> int32 conv2d / matmul."""
+    out = integerize(mod)
+    ops = heavy_ops(out)
+    assert ops, "the rewrite removed the conv2d / matmul"
+    assert all(ins == ("int8", "int8") and res == "int32" for _, ins, res in ops), ops
+    return out
+
+
+# -- requantization -------------------------------------------------------------------------------
+
+def exact_requant(acc: int, q: int, shift: int) -> int:
+    """round-half-up(acc * q * 2^(shift - 31)) with exact rationals."""
+    value = Fraction(acc * q) * Fraction(2) ** (shift - 31)
+    return int(np.floor(value + Fraction(1, 2)))
+
+
+@pytest.mark.parametrize("m", [0.5, 0.75, 1.0, 1.5, 3.7, 2.0 ** 20, 1 - 2.0 ** -40, 0.7 * 2.0 ** -31,
+                               2.0 ** -40, 1e-21, 0.0123])
+def test_fixed_point_multiplier(m):
+    q, shift = fixed_point_multiplier(m)
+    assert 0 <= int(q) < 2 ** 31
+    assert -31 <= int(shift) <= 31
+    approx = int(q) * 2.0 ** (int(shift) - 31)
+    assert abs(approx - m) <= 2.0 ** (int(shift) - 32)  # half a unit of q
+
+
+@pytest.mark.parametrize("m", [0.0, -1.0, float("inf"), 2.0 ** 31])
+def test_fixed_point_multiplier_rejects(m):
+    with pytest.raises(HyqError, match="multiplier"):
+        fixed_point_multiplier(m)
+
+
+def test_requantize_edge_cases_match_tvm_and_exact_rounding():
+    # one channel per (multiplier, case): ties (M = 0.5 and odd acc), negatives, int32 extremes,
+    # shifts of -31 (M < 2^-31) and > 0 (M >= 1)
+    multipliers = np.array([0.5, 0.5 * 2 ** -3, 0.3, 0.7 * 2.0 ** -31, 2.0 ** -40, 1.0, 3.7, 200.0])
+    q, shift = fixed_point_multiplier(multipliers)
+    acc = np.array([-5, -3, -1, 1, 3, 5, 12, -12, -4, 4, 2 ** 31 - 1, -2 ** 31, 1000, -1000, 2 ** 20, 0],
+                   dtype=np.int32)
+    acc = np.tile(acc[None, :], (len(multipliers), 1))
+    acc[-1] = np.clip(acc[-1], -2 ** 23, 2 ** 23)  # |acc| * 2^shift stays below 2^32
+    acc[-2] = np.clip(acc[-2], -2 ** 29, 2 ** 29)
+    zero = np.array([0, 3, -7, 0, 0, 10, -128, 127], dtype=np.int32)
+    expected = np.array([[np.clip(exact_requant(int(a), int(qi), int(si)) + int(z), -128, 127)
+                          for a in row] for row, qi, si, z in zip(acc, q, shift, zero)], dtype=np.int8)
+    got = requantize(acc, q[:, None], shift[:, None], zero[:, None], -128, 127)
+    np.testing.assert_array_equal(got, expected)
+    assert got[0, 1] == -1 and got[0, 4] == 2  # ties go up: -1.5 -> -1, 1.5 -> 2
+
+    prim = requantize_primfunc(acc.shape, 0, len(q), True)
+    out = np.zeros(acc.shape, np.int8)
+    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0), zero, out)
+    np.testing.assert_array_equal(tvm_out, expected)
+
+
+# -- conv2d ---------------------------------------------------------------------------------------
+
+def conv_case(groups: int, quantized: bool, per_channel_act: bool, padding=(1, 1, 1, 1), strides=(1, 1)):
+    """A QDQ conv2d module and its reference output for one random int8 input."""
+    n, c, h, w, o, k = 1, 8, 7, 7, 8, 3
+    x = int8((n, c, h, w))
+    w_q = int8((o, c // groups, k, k))
+    s_w = scales(o)
+    bias = RNG.normal(0, 0.3, o).astype(np.float32)
+    if per_channel_act:
+        s_a = np.repeat(scales(groups, 0.01, 0.05), c // groups).astype(np.float32)
+        z_a = RNG.integers(-20, 20, c).astype(np.int8)
+    else:
+        s_a, z_a = scales(1, 0.01, 0.05)[0], np.int8(-9)
+    s_o, z_o = (scales(o, 0.05, 0.2), RNG.integers(-10, 10, o).astype(np.int8)) if quantized else (None, None)
+
+    def body(bb, xv):
+        xd = bb.emit(dq(xv, s_a, z_a, axis=1))
+        wd = bb.emit(dq(const(w_q, "int8"), s_w, np.zeros(o, np.int8), axis=0))
+        y = bb.emit(relax.op.nn.conv2d(xd, wd, strides=strides, padding=padding, groups=groups))
+        if not quantized:  # the float island (and its float bias add) starts here
+            return y
+        y = bb.emit(relax.op.add(y, const(bias.reshape(1, o, 1, 1), "float32")))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
+
+    mod = module({"x": ((n, c, h, w), "int8")}, body)
+    acc = ref.qconv2d(x, z_a, w_q, strides, padding, (1, 1), groups)
+    s_a_out = s_a.reshape(groups, -1)[:, 0].repeat(o // groups) if per_channel_act else s_a
+    acc_scale = np.float64(s_a_out) * s_w.astype(np.float64)
+    if quantized:
+        acc = ref.add_bias(acc, np.rint(bias / acc_scale).astype(np.int32), 1)
+        expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, 1)
+    else:
+        expected = ref.dequantize_acc(acc, acc_scale, 1)
+    return mod, x, expected
+
+
+@pytest.mark.parametrize("groups,per_channel_act,padding,strides", [
+    (1, False, (1, 1, 1, 1), (2, 2)),   # normal conv, per-tensor asymmetric input
+    (8, True, (1, 1, 1, 1), (1, 1)),    # depthwise, channel-wise input scales and zero points
+    (2, True, (0, 1, 2, 0), (1, 2)),    # grouped, group-wise scales, uneven padding
+])
+def test_conv2d_requantized_is_bit_exact(groups, per_channel_act, padding, strides):
+    mod, x, expected = conv_case(groups, True, per_channel_act, padding, strides)
+    got = run(integerized(mod), x)
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got, expected)
+    float_qdq = run(mod, x).astype(np.int32)  # the float graph it replaces: within one step
+    assert np.abs(float_qdq - got).max() <= 1
+
+
+def test_depthwise_conv2d_float_output_is_bit_exact():
+    mod, x, expected = conv_case(8, False, True)
+    lowered = integerized(mod)
+    np.testing.assert_array_equal(run(lowered, x), expected)
+
+
+# -- matmul ---------------------------------------------------------------------------------------
+
+def test_linear_requantized_is_bit_exact():
+    """matmul(dequantize(x), permute_dims(dequantize(W, axis=0))) + bias -> quantize: torch's linear."""
+    t, k, n = 5, 16, 12
+    x, w_q = int8((1, t, k)), int8((n, k))
+    s_a, z_a = np.float32(0.03), RNG.integers(-30, 30, k).astype(np.int8)  # channel-wise zero points
+    s_w, bias = scales(n), RNG.normal(0, 0.2, n).astype(np.float32)
+    s_o, z_o = np.float32(0.15), np.int8(4)
+
+    def body(bb, xv):
+        xd = bb.emit(dq(xv, s_a, z_a, axis=-1))
+        wd = bb.emit(dq(const(w_q, "int8"), s_w, np.zeros(n, np.int8), axis=0))
+        y = bb.emit(relax.op.matmul(xd, bb.emit(relax.op.permute_dims(wd))))
+        y = bb.emit(relax.op.add(y, const(bias, "float32")))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"))
+
+    mod = module({"x": ((1, t, k), "int8")}, body)
+    acc_scale = np.float64(s_a) * s_w.astype(np.float64)
+    acc = ref.add_bias(ref.qmatmul(x, z_a, w_q.T, 0), np.rint(bias / acc_scale).astype(np.int32), -1)
+    expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, -1)
+    np.testing.assert_array_equal(run(integerized(mod), x), expected)
+
+
+def test_transposed_weight_float_output_is_bit_exact():
+    """matmul(dequantize(x), dequantize(W^T, axis=1)) feeding a float island (GELU here)."""
+    t, k, n = 4, 8, 6
+    x, w_t = int8((t, k)), int8((k, n))
+    s_a, z_a, s_w = np.float32(0.02), np.int8(-3), scales(n)
+
+    def matmul(bb, xv):
+        w = bb.emit(dq(const(w_t, "int8"), s_w, np.zeros(n, np.int8), axis=1))
+        return relax.op.matmul(bb.emit(dq(xv, s_a, z_a)), w)
+
+    acc = ref.qmatmul(x, z_a, w_t, 0)
+    expected = ref.dequantize_acc(acc, np.float64(s_a) * s_w.astype(np.float64), -1)
+    np.testing.assert_array_equal(run(integerized(module({"x": ((t, k), "int8")}, matmul)), x), expected)
+    with_gelu = module({"x": ((t, k), "int8")}, lambda bb, xv: relax.op.nn.gelu(bb.emit(matmul(bb, xv))))
+    assert run(integerized(with_gelu), x).shape == (t, n)
+
+
+@pytest.mark.parametrize("transposed,quantized", [(True, True), (False, False)])
+def test_attention_matmuls_are_bit_exact(transposed, quantized):
+    """q @ k^T (k transposed after dequantize, requantized) and attn @ v (float out), asymmetric operands."""
+    h, t, d = 2, 6, 8
+    a, b = int8((1, h, t, d)), int8((1, h, t, d) if transposed else (1, h, d, t))
+    (s_a, z_a), (s_b, z_b) = (np.float32(0.04), np.int8(7)), (np.float32(0.05), np.int8(-11))
+    s_o, z_o = np.float32(0.9), np.int8(-2)
+
+    def body(bb, av, bv):
+        bd = bb.emit(dq(bv, s_b, z_b))
+        bd = bb.emit(relax.op.permute_dims(bd, [0, 1, 3, 2])) if transposed else bd
+        y = bb.emit(relax.op.matmul(bb.emit(dq(av, s_a, z_a)), bd))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8")) if quantized else y
+
+    mod = module({"a": (a.shape, "int8"), "b": (b.shape, "int8")}, body)
+    acc = ref.qmatmul(a, z_a, np.swapaxes(b, -1, -2) if transposed else b, z_b)
+    acc_scale = np.float64(s_a) * np.float64(s_b)
+    expected = (ref.requantize_acc(acc, acc_scale, s_o, z_o, -1) if quantized
+                else ref.dequantize_acc(acc, acc_scale, -1))
+    np.testing.assert_array_equal(run(integerized(mod), a, b), expected)
+
+
+# -- what cannot be integerized -------------------------------------------------------------------
+
+def test_unsupported_quantization_names_the_op():
+    x_shape, w_q = (1, 4, 5, 5), int8((4, 4, 1, 1))
+
+    def body(bb, xv):  # channel-wise input scales on a dense conv cannot leave the sum
+        xd = bb.emit(dq(xv, scales(4), np.zeros(4, np.int8), axis=1))
+        return relax.op.nn.conv2d(xd, bb.emit(dq(const(w_q, "int8"), scales(4), np.zeros(4, np.int8), axis=0)))
+
+    with pytest.raises(HyqError, match=r"relax.nn.conv2d '\w+' in @main: the input scale varies"):
+        integerize(module({"x": (x_shape, "int8")}, body))
+
+    def float_conv(bb, xv):
+        return relax.op.nn.conv2d(relax.op.astype(xv, "float32"), const(w_q, "float32"))
+
+    with pytest.raises(HyqError, match=r"relax.nn.conv2d '\w+' in @main still computes in float32"):
+        integerize(module({"x": (x_shape, "int8")}, float_conv))
