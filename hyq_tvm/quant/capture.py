@@ -1,6 +1,8 @@
 """Recording what flows through the quantizable layers of a prepared model."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -21,3 +23,16 @@ def capture_inputs(model: nn.Module, images: torch.Tensor, names=None) -> dict[s
         for h in handles:
             h.remove()
     return captured
+
+
+@torch.no_grad()
+def first_input(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, ...]:
+    """The tensor arguments of `module`'s first call while `run()` executes."""
+    captured: list[tuple[torch.Tensor, ...]] = []
+    handle = module.register_forward_pre_hook(
+        lambda _, args: captured.append(tuple(a.detach().clone() for a in args if torch.is_tensor(a))))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured[0]

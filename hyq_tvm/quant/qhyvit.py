@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..zoo import BridgeBlock
-from .capture import capture_inputs
+from .capture import capture_inputs, first_input
 from .modules import QuantAct, QuantLayer, QuantMatMul, forward_order, quant_layers
 from .quantizer import QuantParams, QuantSpec, minmax_params, params_from_range, reduce_range
 
@@ -164,8 +164,8 @@ class QHyViT:
                 self._search_layer(name, inputs[name], None)
                 continue
             block = self.bridges[bridge]
-            block_in = self._block_input(block, images)
-            layer_in = self._layer_input_in_block(name, block, block_in)
+            block_in = first_input(self.modules[block.members[0]], lambda: self.model(images))
+            layer_in = first_input(self.layers[name], lambda: self._run_block(block, block_in))
             self._search_layer(name, layer_in, (block, block_in))
             self.layers[name].enabled = True  # bridge layers stay quantized
             last_in_block = all(n in self.report.choices for n in order if self.bridge_of(n) == bridge)
@@ -177,31 +177,11 @@ class QHyViT:
         self.report.seconds = time.perf_counter() - start
         return self.report
 
-    def _block_input(self, block: BridgeBlock, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        captured = {}
-        handle = self.modules[block.members[0]].register_forward_pre_hook(
-            lambda _, args: captured.setdefault("x", tuple(a.detach().clone() for a in args)))
-        try:
-            self.model(images)
-        finally:
-            handle.remove()
-        return captured["x"]
-
     def _run_block(self, block: BridgeBlock, block_in: tuple[torch.Tensor, ...]) -> torch.Tensor:
         out = block_in
         for member in block.members:
             out = (self.modules[member](*out),)
         return out[0]
-
-    def _layer_input_in_block(self, name, block, block_in):
-        captured = {}
-        handle = self.layers[name].register_forward_pre_hook(
-            lambda _, args: captured.setdefault("x", tuple(a.detach().clone() for a in args)))
-        try:
-            self._run_block(block, block_in)
-        finally:
-            handle.remove()
-        return captured["x"]
 
     def _search_layer(self, name: str, layer_in, block_ctx) -> None:
         layer = self.layers[name]
