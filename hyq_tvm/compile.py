@@ -1,0 +1,116 @@
+"""Compile a quantized model into an integer TVM library and artifact folder (python -m hyq_tvm.compile)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import tvm
+from tqdm import tqdm
+from tvm import relax
+
+from . import zoo
+from .build import write_artifact
+from .calibrate import calibrate
+from .errors import HyqError, run_cli
+from .quant.plan import QuantPlan
+from .relax import integerize
+from .relax.annotate import annotate
+from .relax.census import constant_bytes, op_census
+from .relax.importer import import_model, input_layers
+from .targets import load_target
+
+
+class _Stages:
+    """Times named stages and shows them on one progress bar."""
+
+    def __init__(self, total: int, progress: bool):
+        self.bar = tqdm(total=total, disable=not progress)
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.bar.set_description(name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        self.bar.update()
+
+
+def _lower(plan: QuantPlan, weights: str | Path | None, stage: _Stages) -> tuple[tvm.IRModule, dict[str, Any]]:
+    """The plan's model as an integer Relax module, and facts about it for metadata.json."""
+    with stage("import"):
+        mod, _ = import_model(plan, weights)
+        inputs = input_layers(mod)
+    with stage("annotate"):
+        mod = annotate(mod, plan)
+    with stage("integerize"):
+        mod = integerize(mod)
+    facts = {"input": _input_facts(mod, plan, inputs), "output": _tensor_facts(mod["main"].body),
+             "op_census": op_census(mod), "weights_bytes": constant_bytes(mod)}
+    return mod, facts
+
+
+def _tensor_facts(expr: relax.Expr) -> dict[str, Any]:
+    return {"shape": [int(d) for d in expr.ty.shape], "dtype": str(expr.ty.dtype)}
+
+
+def _input_facts(mod: tvm.IRModule, plan: QuantPlan, layers: list[str]) -> dict[str, Any]:
+    """Shape and dtype of the input and the quantizer the graph applies to it first."""
+    facts = _tensor_facts(mod["main"].params[0])
+    quantizer = plan.layers[layers[0]]["inputs"][0] if len(layers) == 1 else None
+    if quantizer is not None:
+        facts.update(quantized_by=layers[0], **{k: quantizer[k] for k in ("bits", "axis", "scale", "zero_point")})
+    return facts
+
+
+def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str | Path | None = None,
+                 progress: bool = False) -> Path:
+    """Lower, build for `target` and write the artifact folder `out_dir`; returns it."""
+    spec = load_target(target)
+    stage = _Stages(4, progress)
+    with contextlib.closing(stage.bar):
+        mod, facts = _lower(plan, weights, stage)
+        tvm_target = spec.tvm_target()
+        with stage("build"):
+            executable = tvm.compile(mod, target=tvm_target)
+    metadata = {"model": plan.model["name"], "target": {"name": target, "tvm": str(tvm_target)},
+                "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
+                **facts, "seconds": stage.seconds, "versions": {"tvm": tvm.__version__, "torch": torch.__version__}}
+    return write_artifact(out_dir, executable, plan, metadata)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hyq_tvm.compile", description=__doc__)
+    p.add_argument("--model", default=None, help=f"one of: {', '.join(zoo.MODELS)} (default: the plan's, else"
+                                                 f" {zoo.DEFAULT_MODEL})")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="QuantPlan from hyq_tvm.calibrate (default: calibrate Q-HyViT W8A8 first)")
+    p.add_argument("--weights", default=None, help="checkpoint; default: the embedded proxy")
+    p.add_argument("--target", default="host", help="a target in targets/ (default: host)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="artifact folder to write (default: artifacts/MODEL-TARGET)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    load_target(args.target)
+    if args.plan is not None:
+        plan = QuantPlan.load(args.plan)
+        if args.model is not None and args.model != plan.model["name"]:
+            raise HyqError(f"the plan is for {plan.model['name']}, not {args.model}")
+    else:
+        name = args.model or zoo.DEFAULT_MODEL
+        zoo.model_spec(name)
+        plan, _ = calibrate(name, args.weights, method="qhyvit", wbits=8, abits=8)
+    out = args.output or Path("artifacts") / f"{plan.model['name']}-{args.target}"
+    compile_plan(plan, args.target, out, args.weights, progress=True)
+    print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,145 @@
+"""Import a QuantPlan's model into Relax, with every quantized input marked by its plan layer name.
+
+The prepared model (BatchNorm folded) is exported with torch.export while each QuantLayer,
+QuantMatMul and QuantAct passes its inputs through `hyq::mark(x, layer, role)`, an identity op.
+The Relax frontend turns each mark into `call_pure_packed("hyq.mark", x, layer, role)`, so the plan's
+names travel inside the IR to `annotate`. Roles: "input0", "input1" (a matmul's second operand) and
+"weight" (the float weight of a conv2d / linear, a constant). Weights stay constants.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import tvm
+import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
+from torch import nn
+from tvm import relax
+
+from ..calibrate import prepared_model
+from ..errors import HyqError
+from ..quant.modules import QuantAct, QuantLayer, QuantMatMul, quant_layers
+from ..quant.plan import QuantPlan, apply_plan
+from ..zoo import ModelInfo
+
+MARK = "hyq.mark"
+
+
+@torch.library.custom_op("hyq::mark", mutates_args=())
+def mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
+    """Identity that names a quantized input of a plan layer in the exported graph."""
+    return x.clone()
+
+
+@mark.register_fake
+def _(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def roles(op: str) -> tuple[str, ...]:
+    """The marked inputs of a plan layer with op `op`."""
+    return {"conv2d": ("input0", "weight"), "linear": ("input0", "weight"),
+            "matmul": ("input0", "input1")}.get(op, ("input0",))
+
+
+def _marked_forward(name: str, layer: nn.Module):
+    """A forward computing the float op of `layer` on marked inputs."""
+    if isinstance(layer, QuantLayer):
+        return lambda x: layer._op(mark(x, name, "input0"), mark(layer.inner.weight, name, "weight"))
+    if isinstance(layer, QuantMatMul):
+        return lambda a, b: torch.matmul(mark(a, name, "input0"), mark(b, name, "input1"))
+    if isinstance(layer, QuantAct) and layer.inner is not None:
+        return lambda x: layer.inner(mark(x, name, "input0"))
+    if isinstance(layer, QuantAct):
+        func, rest, kwargs = layer.call
+        return lambda x: func(mark(x, name, "input0"), *rest, **kwargs)
+    raise TypeError(f"{name}: not a quantized module")
+
+
+@contextlib.contextmanager
+def marking(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every quantized module of a prepared model computes in float on marked inputs."""
+    layers = quant_layers(model)
+    for name, layer in layers.items():
+        layer.forward = _marked_forward(name, layer)
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            del layer.forward
+
+
+def _convert_mark(node: torch.fx.Node, importer) -> relax.Var:
+    x = importer.env[node.args[0]]
+    layer, role = (tvm.ir.StringImm(str(a)) for a in node.args[1:3])
+    return importer.block_builder.emit(relax.call_pure_packed(MARK, x, layer, role, ty_args=x.ty))
+
+
+def to_relax(model: nn.Module, example: torch.Tensor) -> tvm.IRModule:
+    """The marked float model as a Relax module `main(x) -> logits`, weights as constants, constants folded."""
+    with marking(model.eval()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        program = torch.export.export(model, (example,))
+    mod = relax.frontend.torch.from_exported_program(
+        program, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+        custom_convert_map={"mark.default": _convert_mark}, run_ep_decomposition=False)
+    return relax.transform.FoldConstant()(mod)
+
+
+def mark_calls(mod: tvm.IRModule) -> list[relax.Call]:
+    """Every hyq.mark call of the module's Relax functions, in binding order."""
+    found: list[relax.Call] = []
+
+    def visit(e):
+        if is_mark(e):
+            found.append(e)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def is_mark(e) -> bool:
+    """Whether `e` is a hyq.mark call."""
+    return (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_pure_packed"
+            and isinstance(e.args[0], relax.ExternFunc) and e.args[0].global_symbol == MARK)
+
+
+def mark_name(call: relax.Call) -> tuple[str, str]:
+    """(layer, role) of a hyq.mark call."""
+    return str(call.args[2].value), str(call.args[3].value)
+
+
+def input_layers(mod: tvm.IRModule) -> list[str]:
+    """Plan layers whose marked input is a parameter of `main` (the model input), in binding order."""
+    params = set(mod["main"].params)
+    return [mark_name(c)[0] for c in mark_calls(mod) if c.args[1] in params]
+
+
+def check_marks(mod: tvm.IRModule, plan: QuantPlan) -> None:
+    """A HyqError unless every quantized input of every plan layer is marked exactly once, and nothing else."""
+    counts = Counter(mark_name(c) for c in mark_calls(mod))
+    expected = {(layer, role) for layer, entry in plan.layers.items() for role in roles(entry["op"])}
+    missing = sorted({layer for layer, role in expected if counts[(layer, role)] == 0})
+    if missing:
+        raise HyqError(f"the Relax graph has no call site for {len(missing)} plan layer(s): {', '.join(missing)}")
+    repeated = sorted({layer for key, n in counts.items() if n > 1 for layer in key[:1]})
+    if repeated:
+        raise HyqError(f"plan layer(s) called more than once in the graph: {', '.join(repeated)}")
+    unknown = sorted({layer for layer, role in counts if (layer, role) not in expected})
+    if unknown:
+        raise HyqError(f"the Relax graph marks layer(s) the plan does not quantize: {', '.join(unknown)}")
+
+
+def import_model(plan: QuantPlan, weights: str | Path | None = None) -> tuple[tvm.IRModule, ModelInfo]:
+    """The plan's model (BN folded, weights checked against the plan) in Relax, every plan layer marked once."""
+    model, info = prepared_model(plan.model["name"], weights, plan.calibration.get("mode", "partial"))
+    apply_plan(model, plan, info.weights_sha256)  # checks that plan, model and weights fit
+    mod = to_relax(model, torch.zeros(plan.model["input_shape"]))
+    check_marks(mod, plan)
+    return mod, info

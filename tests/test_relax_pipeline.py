@@ -1,0 +1,152 @@
+"""The compiler pipeline: import with plan names, QDQ annotation, integerization, host build."""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from hyq_tvm import data
+from hyq_tvm.build import LIBRARY, METADATA, PLAN, atomic_dir
+from hyq_tvm.calibrate import calibrate
+from hyq_tvm.compile import compile_plan, main
+from hyq_tvm.errors import HyqError
+from hyq_tvm.evaluate import quantized_model
+from hyq_tvm.fileio import sha256_file
+from hyq_tvm.quant.modules import QuantLayer
+from hyq_tvm.quant.plan import QuantPlan, layers_to_json
+from hyq_tvm.quant.quantizer import QuantSpec, minmax_params
+from hyq_tvm.relax import integerize
+from hyq_tvm.relax.annotate import annotate
+from hyq_tvm.relax.census import op_census
+from hyq_tvm.relax.importer import check_marks, import_model, mark_calls, mark_name, roles, to_relax
+from hyq_tvm.targets import known_targets, load_target
+
+HEAVY = ("relax.nn.conv2d(", "relax.matmul(")
+
+
+@pytest.fixture(scope="module")
+def plan() -> QuantPlan:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return calibrate("mobilevit_xxs", method="minmax", images=8, progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def imported(plan) -> tvm.IRModule:
+    return import_model(plan)[0]
+
+
+def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=load_target("host").tvm_target()), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_every_plan_entry_is_marked_exactly_once(plan, imported):
+    counts = Counter(mark_name(c) for c in mark_calls(imported))
+    expected = Counter((layer, role) for layer, entry in plan.layers.items() for role in roles(entry["op"]))
+    assert counts == expected
+
+
+def test_a_plan_layer_missing_from_the_graph_is_named(plan, imported):
+    extra = copy.deepcopy(plan)
+    extra.layers["head.ghost"] = extra.layers["head.fc"]
+    with pytest.raises(HyqError, match=r"no call site for 1 plan layer\(s\): head.ghost$"):
+        check_marks(imported, extra)
+
+
+def test_integerized_model_has_no_float_conv2d_or_matmul(plan, imported):
+    census = op_census(integerize(annotate(imported, plan)))
+    heavy = {k: n for k, n in census.items() if k.startswith(HEAVY)}
+    assert heavy and all(k.endswith("(int8,int8)->int32") for k in heavy), heavy
+    assert sum(heavy.values()) == sum(1 for e in plan.layers.values() if e["op"] in ("conv2d", "linear", "matmul"))
+    assert not any(k.startswith("relax.call_pure_packed") for k in census)
+
+
+class _Tiny(nn.Module):
+    """A grouped conv and a linear layer, quantized with low bit-widths, channel-wise and asymmetric."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = QuantLayer(nn.Conv2d(8, 6, 3, padding=1, groups=2))
+        self.fc = QuantLayer(nn.Linear(6 * 5 * 5, 4))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@torch.no_grad()
+def test_qdq_graph_computes_the_fake_quant_arithmetic():
+    model, x = _Tiny().eval(), torch.randn(1, 8, 5, 5)
+    hidden = torch.relu(model.conv.inner(x)).flatten(1)
+    for layer, act_spec, wbits, seen in ((model.conv, QuantSpec(4, False, 1), 6, x),
+                                         (model.fc, QuantSpec(6, False, None), 4, hidden)):
+        layer.act = minmax_params(act_spec, seen)
+        layer.weight = minmax_params(QuantSpec(wbits, True, 0), layer.folded_weight(layer.act))
+        layer.enabled = True
+    plan = QuantPlan({}, {}, layers_to_json(model, []))
+    expected = model(x).detach().numpy()
+    mod = annotate(to_relax(model, x), plan)
+    np.testing.assert_allclose(run(mod, x.numpy()), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(integerize(mod), x.numpy()), expected, rtol=1e-5, atol=1e-5)
+    del plan.layers["fc"]
+    with pytest.raises(HyqError, match="marks layer 'fc', which the plan does not quantize"):
+        annotate(to_relax(model, x), plan)
+
+
+def test_unknown_target_lists_the_known_ones():
+    assert "host" in known_targets()
+    with pytest.raises(HyqError, match=r"unknown target 'pdp11'; known targets: .*host"):
+        load_target("pdp11")
+
+
+def test_compile_rejects_a_plan_of_another_model_and_an_unknown_target(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    with pytest.raises(HyqError, match="the plan is for mobilevit_xxs, not efficientformerv2_s0"):
+        main(["--plan", str(path), "--model", "efficientformerv2_s0", "-o", str(tmp_path / "out")])
+    with pytest.raises(HyqError, match="unknown target 'pdp11'"):
+        main(["--plan", str(path), "--target", "pdp11", "-o", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_artifact_folder_is_replaced_only_when_complete(tmp_path):
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "old").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(folder) as tmp:
+        (tmp / "new").write_text("new")
+        raise RuntimeError("build failed")
+    assert [p.name for p in folder.iterdir()] == ["old"]
+    with atomic_dir(folder) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+@pytest.mark.slow
+def test_host_library_matches_the_fake_quant_model(plan, tmp_path):
+    out = compile_plan(plan, "host", tmp_path / "artifact")
+    meta = json.loads((out / METADATA).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([LIBRARY, METADATA, PLAN])
+    assert meta["sha256"]["library"] == sha256_file(out / LIBRARY)
+    assert meta["input"]["shape"] == plan.model["input_shape"] and meta["input"]["quantized_by"] == "stem.conv"
+    assert meta["output"]["shape"] == [1, plan.model["num_classes"]]
+    assert all(k.endswith("(int8,int8)->int32") for k in meta["op_census"] if k.startswith(HEAVY))
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / LIBRARY)), tvm.cpu())
+    model = quantized_model(plan).eval()
+    info = plan.model
+    images = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], limit=4, batch_size=4)))[0]
+    for x in images:
+        with torch.no_grad():
+            expected = model(x[None]).numpy()
+        got = vm["main"](tvm.runtime.tensor(x[None].numpy())).numpy()
+        assert got.argmax() == expected.argmax()
+        assert np.abs(got - expected).max() < 0.1
