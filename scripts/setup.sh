@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist)
+APT_PACKAGES=(dataset-fashion-mnist gcc gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user qemu-user-static binfmt-support debootstrap)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -26,4 +26,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   echo "$wanted" > "$stamp"
+fi
+
+# Emulated ARM boards (python -m hyq_tvm.device): aarch64 binaries through qemu-aarch64-static via
+# binfmt_misc (needed by chroot into the arm64 rootfs), and the instruction-counting QEMU plugin
+# (native/icount.c, built once into the cache). HYQ_TVM_BUILD_ROOTFS=1 also builds the arm64 rootfs
+# now (3-5 min once); otherwise the first `device start` or slow test builds it.
+if [ "$(id -u)" -eq 0 ]; then
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+  fi
+  grep -qs '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 || update-binfmts --enable qemu-aarch64 || true
+fi
+.venv/bin/python -c 'from hyq_tvm.devices import build_plugin; build_plugin()' >/dev/null
+if [ "${HYQ_TVM_BUILD_ROOTFS:-0}" = 1 ]; then
+  .venv/bin/python -c 'from hyq_tvm.devices import build_rootfs; build_rootfs()'
 fi

@@ -1,0 +1,344 @@
+"""Start, list and stop emulated boards: TVM RPC servers under qemu-user in the arm64 rootfs,
+registered with an RPC tracker. State (pids, process groups, ports, keys) lives in a JSON file.
+
+Each process is started in its own session (setsid), so its process group holds it and every
+child it forks (the popen worker and the per-session processes); stop kills that group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import HyqError
+from .boards import BOARDS, get_board
+from .rootfs import VENV, build_rootfs, cache_dir, ensure_binfmt, mount_proc, require_root, umount_proc
+
+STATE_FILE = "devices.json"
+DEFAULT_TRACKER_PORT = 9190
+SERVER_READY_TIMEOUT = float(os.environ.get("HYQ_TVM_SERVER_TIMEOUT", "240"))
+
+
+def state_path(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / STATE_FILE
+
+
+def load_state(path: Path) -> dict:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {"tracker": None, "boards": []}
+
+
+def save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = p.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(p.name))
+    return pids
+
+
+def alive(pgid: int | None) -> bool:
+    """Whether any live process is left in the process group."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return bool(group_members(pgid))
+
+
+def _reap(pgid: int) -> None:
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # the leader, if it is our child
+    except ChildProcessError:
+        pass
+
+
+def kill_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace` s, wait until none is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            _reap(pgid)
+            if not alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def free_port(host: str, start: int | None = None) -> int:
+    """start if it is free on host, else any free port."""
+    for port in ([start] if start else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise HyqError(f"no free port on {host}")
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise HyqError(f"tracker address {addr!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def tracker_summary(host: str, port: int, timeout: float = 5.0) -> dict:
+    """The tracker's summary dict; HyqError when it cannot be reached."""
+    from tvm import rpc
+    from tvm.rpc import base
+
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:
+        raise HyqError(f"RPC tracker {host}:{port} unreachable ({err.strerror or err})") from None
+    sock.close()
+    try:
+        return rpc.connect_tracker(host, port).summary()
+    except (OSError, RuntimeError, base.TVMError) as err:  # type: ignore[attr-defined]
+        raise HyqError(f"RPC tracker {host}:{port} unreachable or not a TVM tracker ({err})") from None
+
+
+def tracker_text(host: str, port: int) -> str:
+    from tvm import rpc
+
+    return rpc.connect_tracker(host, port).text_summary()
+
+
+def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n".encode())
+        f.flush()
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, close_fds=True)
+
+
+def _log_tail(log: Path, n: int = 1) -> str:
+    lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    return " | ".join(lines[-n:])[:300]
+
+
+def start_tracker(host: str, cache: Path, port: int | None = None) -> dict:
+    port = free_port(host, port or DEFAULT_TRACKER_PORT)
+    log = cache / "logs" / f"tracker-{port}.log"
+    proc = _spawn([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+                   "--port-end", str(port + 1)], log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HyqError(f"the RPC tracker exited with status {proc.returncode}: {_log_tail(log)} (log {log})")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            tracker_summary(host, port)
+            return {"host": host, "port": port, "pid": proc.pid, "pgid": proc.pid, "started": True,
+                    "log": str(log)}
+        except (OSError, HyqError):
+            time.sleep(0.3)
+    kill_group(proc.pid)
+    raise HyqError(f"the RPC tracker did not answer on {host}:{port} within 60 s (log {log})")
+
+
+def _server_registered(summary: dict, key: str, port: int) -> bool:
+    for info in summary.get("server_info", []):
+        if info.get("key", "").split(":", 1)[-1] == key and int(info["addr"][1]) == port:
+            return True
+    return False
+
+
+def server_command(root: Path, board, host: str, port: int, tracker: tuple[str, int], key: str,
+                   icount_out: str | None = None) -> tuple[list[str], dict]:
+    """The chroot command line and environment of one RPC server under qemu-user -cpu board.qemu_cpu."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
+           "QEMU_CPU": board.qemu_cpu}
+    inner = ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
+    if icount_out:
+        inner.append(f"HYQ_ICOUNT_OUT={icount_out}")
+    cmd = ["chroot", str(root), *inner, f"{VENV}/bin/python", "-m", "tvm.exec.rpc_server",
+           "--host", host, "--port", str(port), "--port-end", str(port + 1),
+           "--tracker", f"{tracker[0]}:{tracker[1]}", "--key", key]
+    return cmd, env
+
+
+def start(board_name: str, count: int = 1, tracker: str | None = None, host: str = "127.0.0.1",
+          key: str | None = None, cache: Path | None = None, state_file: Path | None = None,
+          icount: bool = False, out=sys.stderr) -> dict:
+    """Start `count` emulated boards under one key (default: the board name); return the new state."""
+    board = get_board(board_name)
+    if count < 1:
+        raise HyqError(f"--count must be at least 1, not {count}")
+    cache = cache or cache_dir()
+    spath = state_file or state_path(cache)
+    key = key or board.name
+    state = load_state(spath)
+    state["boards"] = [b for b in state["boards"] if alive(b.get("pgid"))]  # forget boards that died
+    old = state.get("tracker")
+    if old and old.get("started") and not alive(old.get("pgid")):
+        old = state["tracker"] = None
+    # check everything before starting anything
+    if tracker:
+        thost, tport = parse_addr(tracker)
+        if old and state["boards"] and (old["host"], old["port"]) != (thost, tport):
+            raise HyqError(f"boards are running with the tracker {old['host']}:{old['port']}; "
+                           f"stop them first or leave out --tracker")
+        tracker_summary(thost, tport)
+    elif old:
+        thost, tport = old["host"], old["port"]
+        tracker_summary(thost, tport)
+    require_root("starting an emulated board")
+    ensure_binfmt()
+    root = build_rootfs(cache)
+    if icount:
+        from .icount import install_in_rootfs
+        install_in_rootfs(root, cache)
+    # the tracker: given, or ours from the state file if still running, or a new one
+    if tracker:
+        if not (old and (old["host"], old["port"]) == (thost, tport)):
+            state["tracker"] = {"host": thost, "port": tport, "pid": None, "pgid": None, "started": False}
+    elif not old:
+        t0 = time.monotonic()
+        state["tracker"] = start_tracker(host, cache)
+        thost, tport = state["tracker"]["host"], state["tracker"]["port"]
+        print(f"tracker listening on {thost}:{tport} ({time.monotonic() - t0:.1f} s)", file=out, flush=True)
+    save_state(spath, state)
+    mount_proc(root)
+    t0 = time.monotonic()
+    pending = []
+    used = {b["port"] for b in state["boards"] if alive(b.get("pgid"))}
+    for i in range(count):
+        port = free_port(host, max(used | {9090}) + 1 if used else 9090)
+        used.add(port)
+        name = f"{board.name}-{port}"
+        log = cache / "logs" / f"{name}.log"
+        ic_out = f"/tmp/hyq-icount/{name}.%p" if icount else None
+        cmd, _ = server_command(root, board, host, port, (thost, tport), key, ic_out)
+        proc = _spawn(cmd, log)
+        entry = {"name": name, "board": board.name, "key": key, "host": host, "port": port, "pid": proc.pid,
+                 "pgid": proc.pid, "qemu_cpu": board.qemu_cpu, "rootfs": str(root), "log": str(log),
+                 "icount": bool(icount), "started_at": time.time()}
+        state["boards"].append(entry)
+        pending.append((entry, proc))
+    save_state(spath, state)
+    print(f"starting {count} x {board.name} (qemu-user -cpu {board.qemu_cpu}) under key {key!r} ...",
+          file=out, flush=True)
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT
+    while pending:
+        summary = tracker_summary(thost, tport)
+        for entry, proc in list(pending):
+            if _server_registered(summary, key, entry["port"]):
+                entry["ready_s"] = round(time.monotonic() - t0, 1)
+                print(f"  {entry['name']}: RPC server on {host}:{entry['port']} registered as {key!r} "
+                      f"after {entry['ready_s']} s", file=out, flush=True)
+                pending.remove((entry, proc))
+            elif proc.poll() is not None:
+                _stop_quietly([e["name"] for e, _ in pending], cache, spath)
+                raise HyqError(f"the RPC server {entry['name']} exited with status {proc.returncode}: "
+                               f"{_log_tail(Path(entry['log']))} (log {entry['log']})")
+        if pending and time.monotonic() > deadline:
+            _stop_quietly([e["name"] for e, _ in pending], cache, spath)
+            raise HyqError(f"RPC server(s) did not register with the tracker within {SERVER_READY_TIMEOUT:.0f} s "
+                           f"(logs in {cache / 'logs'})")
+        time.sleep(0.5)
+    save_state(spath, state)
+    return state
+
+
+def _stop_quietly(names: list[str], cache: Path, spath: Path) -> None:
+    with open(os.devnull, "w") as devnull:
+        for name in names:
+            stop(name, cache=cache, state_file=spath, out=devnull)
+
+
+def status(cache: Path | None = None, state_file: Path | None = None) -> dict:
+    """The state file's tracker and boards with liveness, plus the tracker's own summary."""
+    spath = state_file or state_path(cache)
+    state = load_state(spath)
+    result = {"state_file": str(spath), "tracker": state.get("tracker"), "boards": [], "tracker_summary": None}
+    for b in state.get("boards", []):
+        entry = dict(b, alive=alive(b.get("pgid")))
+        if b.get("icount"):
+            from .icount import server_counts
+            entry["icounts"] = server_counts(b)
+        result["boards"].append(entry)
+    t = state.get("tracker")
+    if t:
+        t = dict(t, alive=alive(t["pgid"]) if t.get("started") else None)
+        result["tracker"] = t
+        try:
+            tracker_summary(t["host"], t["port"], timeout=2)
+            result["tracker_summary"] = tracker_text(t["host"], t["port"])
+        except HyqError as err:
+            result["tracker_error"] = str(err)
+    return result
+
+
+def stop(which: str | None = None, cache: Path | None = None, state_file: Path | None = None,
+         out=sys.stderr) -> list[str]:
+    """Kill boards by process group: all (which=None), a board type (rasp4b) or one board (rasp4b-9090).
+    The tracker we started goes too once no board is left. Returns what was stopped."""
+    cache = cache or cache_dir()
+    spath = state_file or state_path(cache)
+    state = load_state(spath)
+    if which is not None and which != "all":
+        matches = [b for b in state["boards"] if which in (b["name"], b["board"], b["key"])]
+        if not matches:
+            if which not in BOARDS and not any(which.startswith(n + "-") for n in BOARDS):
+                get_board(which)  # unknown board: the error lists the known ones
+            return []
+    else:
+        matches = list(state["boards"])
+    stopped = []
+    for b in matches:
+        kill_group(b["pgid"])
+        state["boards"].remove(b)
+        stopped.append(b["name"])
+        print(f"stopped {b['name']} (process group {b['pgid']})", file=out)
+        if b.get("icount"):
+            from .icount import clear_server_counts, server_counts
+            counts = server_counts(b)
+            if counts:
+                print(f"  instructions per process (pid: count): {counts}", file=out)
+            clear_server_counts(b)
+    roots = {b["rootfs"] for b in matches}
+    for r in roots:
+        if not any(b["rootfs"] == r and alive(b["pgid"]) for b in state["boards"]):
+            umount_proc(Path(r))
+    t = state.get("tracker")
+    if t and not state["boards"]:
+        if t.get("started") and alive(t["pgid"]):
+            kill_group(t["pgid"])
+            stopped.append(f"tracker {t['host']}:{t['port']}")
+            print(f"stopped tracker {t['host']}:{t['port']} (process group {t['pgid']})", file=out)
+        state["tracker"] = None
+    save_state(spath, state)
+    return stopped

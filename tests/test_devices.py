@@ -1,0 +1,215 @@
+"""Emulated ARM boards (hyq_tvm.devices): the board table, CLI errors, instruction counting and a real
+TVM RPC round trip to an aarch64 RPC server running under qemu-user -cpu cortex-a72.
+
+The qemu tests need root (chroot, binfmt) and the Debian packages scripts/setup.sh installs; the first
+run builds the arm64 rootfs into the cache (HYQ_TVM_CACHE, default ~/.cache/hyq-tvm; a few minutes).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hyq_tvm.devices import BOARDS, get_board
+from hyq_tvm.devices import fleet, icount, rootfs
+from hyq_tvm.errors import HyqError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "hyq_tvm.device", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, **(env or {})), timeout=600)
+
+
+def need_tools(*tools):
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian package {rootfs.APT_PACKAGE.get(tool, tool)}; "
+                        "run scripts/setup.sh as root)")
+
+
+def need_root():
+    if os.geteuid() != 0:
+        pytest.skip("emulated boards need root (debootstrap, chroot, binfmt_misc)")
+
+
+def test_board_table():
+    assert {b: BOARDS[b].qemu_cpu for b in BOARDS} == {
+        "rasp4b": "cortex-a72", "rasp3b": "cortex-a53", "jetson-nano": "cortex-a57", "rk3399": "cortex-a72"}
+    assert get_board("rasp4b").target() == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
+                                             "mattr": ["+neon"], "num-cores": 4}
+
+
+def test_unknown_board(tmp_path):
+    r = cli("start", "rasp5", env={"HYQ_TVM_CACHE": str(tmp_path)})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown board 'rasp5'")
+    for name, cpu in (("rasp4b", "cortex-a72"), ("rasp3b", "cortex-a53"), ("jetson-nano", "cortex-a57"),
+                      ("rk3399", "cortex-a72")):
+        assert f"{name} (-cpu {cpu})" in lines[0]
+
+
+def test_tracker_unreachable(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    r = cli("start", "rasp4b", "--tracker", f"127.0.0.1:{port}", env={"HYQ_TVM_CACHE": str(tmp_path)})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and f"127.0.0.1:{port}" in lines[0], r.stderr
+
+
+def test_missing_qemu_names_the_package(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(HyqError, match="qemu-user-static"):
+        rootfs.require_tool("qemu-aarch64-static")
+    with pytest.raises(HyqError, match=r"Debian package qemu-user \("):
+        icount.run_counted("/bin/true")
+
+
+def test_stop_with_nothing_running(tmp_path):
+    assert fleet.stop(cache=tmp_path, state_file=tmp_path / "s.json") == []
+    with pytest.raises(HyqError, match="unknown board"):
+        fleet.stop("rasp5", cache=tmp_path, state_file=tmp_path / "s.json")
+
+
+@pytest.mark.slow
+def test_instruction_count_is_deterministic(tmp_path):
+    need_tools("aarch64-linux-gnu-gcc", "qemu-aarch64", "gcc")
+    src = tmp_path / "dot.c"
+    src.write_text("#include <stdio.h>\nint main(void){int a[256],b[256];long s=0;"
+                   "for(int i=0;i<256;i++){a[i]=i*3-100;b[i]=7-i;}"
+                   "for(int r=0;r<100;r++)for(int i=0;i<256;i++)s+=a[i]*b[i];printf(\"%ld\\n\",s);return 0;}\n")
+    exe = tmp_path / "dot"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-mcpu=cortex-a72", str(src), "-o", str(exe)], check=True)
+    n1, p1 = icount.run_counted(exe)
+    n2 = icount.count_instructions(exe)
+    assert n1 == n2 > 25600  # at least the 100 x 256 multiply-accumulates
+    expected = 100 * sum((i * 3 - 100) * (7 - i) for i in range(256))
+    assert p1.stdout.decode().strip() == str(expected)
+    r = cli("icount", str(exe))
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == f"icount {n1}"
+
+
+def _tiny_module(path: Path) -> None:
+    import tvm
+    from tvm import relax
+    from tvm.support import cc
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((4, 8), "int32"))
+    b = relax.Var("b", relax.TensorType((8, 3), "int32"))
+    c = relax.Var("c", relax.TensorType((4, 3), "int32"))
+    with bb.function("main", [a, b, c]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.add(relax.op.matmul(a, b), c))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=tvm.target.Target(get_board("rasp4b").target()))
+    ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+
+
+@pytest.mark.slow
+def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
+    need_tools("qemu-aarch64-static", "debootstrap", "update-binfmts", "aarch64-linux-gnu-g++")
+    need_root()
+    import tvm
+    from tvm import relax, rpc
+
+    state_file = tmp_path / "devices.json"  # private state: leaves boards started by hand alone
+    state = fleet.start("rasp4b", count=1, state_file=state_file)
+    try:
+        t, (board,) = state["tracker"], state["boards"]
+        assert board["key"] == "rasp4b" and board["qemu_cpu"] == "cortex-a72" and board["host"] == "127.0.0.1"
+        st = fleet.status(state_file=state_file)
+        assert st["boards"][0]["alive"] and "rasp4b" in st["tracker_summary"]
+        lib = tmp_path / "tiny.so"
+        _tiny_module(lib)
+        remote = rpc.connect_tracker(t["host"], t["port"]).request("rasp4b", session_timeout=300)
+        remote.upload(str(lib))
+        vm = relax.VirtualMachine(remote.load_module("tiny.so"), remote.cpu())
+        rng = np.random.default_rng(0)
+        a = rng.integers(-1000, 1000, (4, 8), dtype=np.int32)
+        b = rng.integers(-1000, 1000, (8, 3), dtype=np.int32)
+        c = rng.integers(-1000, 1000, (4, 3), dtype=np.int32)
+        out = vm["main"](*(tvm.runtime.tensor(x, remote.cpu()) for x in (a, b, c)))
+        np.testing.assert_array_equal(out.numpy(), a @ b + c)
+        del vm, out, remote
+    finally:
+        stopped = fleet.stop(cache=None, state_file=state_file)
+    assert board["name"] in stopped and any(s.startswith("tracker") for s in stopped)
+    assert not fleet.alive(board["pgid"]) and not fleet.alive(t["pgid"])
+    assert fleet.group_members(board["pgid"]) == [] and fleet.group_members(t["pgid"]) == []
+    with pytest.raises(OSError):
+        socket.create_connection((t["host"], t["port"]), timeout=2).close()
+    assert fleet.load_state(state_file) == {"tracker": None, "boards": []}
+
+
+@pytest.mark.slow
+def test_rpc_server_instruction_counts(tmp_path):
+    """--icount: the RPC popen worker runs under the dynamic qemu-aarch64 with the plugin, and each
+    session process writes its own instruction count when the session ends."""
+    need_tools("qemu-aarch64", "qemu-aarch64-static", "debootstrap", "update-binfmts", "aarch64-linux-gnu-g++",
+               "gcc")
+    need_root()
+    import tvm
+    from tvm import relax, rpc
+
+    state_file = tmp_path / "devices.json"
+    state = fleet.start("rasp4b", count=1, state_file=state_file, icount=True)
+    try:
+        t, (board,) = state["tracker"], state["boards"]
+        lib = tmp_path / "tiny.so"
+        _tiny_module(lib)
+        remote = rpc.connect_tracker(t["host"], t["port"]).request("rasp4b", session_timeout=300)
+        remote.upload(str(lib))
+        vm = relax.VirtualMachine(remote.load_module("tiny.so"), remote.cpu())
+        a, b, c = np.ones((4, 8), "int32"), np.full((8, 3), 2, "int32"), np.arange(12, dtype="int32").reshape(4, 3)
+        out = vm["main"](*(tvm.runtime.tensor(x, remote.cpu()) for x in (a, b, c))).numpy()
+        np.testing.assert_array_equal(out, a @ b + c)
+        del vm, remote  # ends the session: its process exits and writes its count
+        deadline = time.monotonic() + 60
+        while not icount.server_counts(board) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        counts = icount.server_counts(board)
+        assert len(counts) == 1 and list(counts.values())[0] > 100_000
+    finally:
+        fleet.stop(state_file=state_file)
+    assert icount.server_counts(board) == {}
+
+
+@pytest.mark.slow
+def test_board_cpu_is_enforced_in_the_rootfs(tmp_path):
+    """The rootfs runs programs as the board's CPU: dotprod (ARMv8.2) is an illegal instruction on a
+    Cortex-A72 (rasp4b), as on the real chip, and runs under qemu's default `max` CPU."""
+    need_tools("aarch64-linux-gnu-gcc", "qemu-aarch64-static", "debootstrap", "update-binfmts")
+    need_root()
+    import resource
+
+    src = tmp_path / "sdot.c"
+    src.write_text("#include <arm_neon.h>\n#include <stdio.h>\nint main(void){int32x4_t acc=vdupq_n_s32(0);"
+                   "acc=vdotq_s32(acc,vdupq_n_s8(2),vdupq_n_s8(3));printf(\"%d\\n\",vgetq_lane_s32(acc,0));return 0;}\n")
+    root = rootfs.build_rootfs()
+    exe = root / "tmp" / f"hyq-sdot-{os.getpid()}"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-march=armv8.2-a+dotprod", "-static", str(src), "-o", str(exe)],
+                   check=True)
+    try:
+        def run(cpu=None):  # with the RPC server's environment (QEMU_CPU from the board table)
+            _, env = fleet.server_command(root, get_board("rasp4b"), "127.0.0.1", 9090, ("127.0.0.1", 9190), "k")
+            env = dict(env, QEMU_CPU=cpu or env["QEMU_CPU"])
+            return subprocess.run(["chroot", str(root), "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                                   f"/tmp/{exe.name}"], capture_output=True, text=True, timeout=120,
+                                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+        a72 = run()
+        assert a72.returncode in (-4, 132), a72  # SIGILL
+        assert run("max").stdout.strip() == "24"
+    finally:
+        exe.unlink(missing_ok=True)
