@@ -5,6 +5,8 @@ QuantMatMul and QuantAct passes its inputs through `hyq::mark(x, layer, role)`, 
 The Relax frontend turns each mark into `call_pure_packed("hyq.mark", x, layer, role)`, so the plan's
 names travel inside the IR to `annotate`. Roles: "input0", "input1" (a matmul's second operand) and
 "weight" (the float weight of a conv2d / linear, a constant). Weights stay constants.
+Each mark is bound to a var named `layer@role` (`marked_var`); annotate and integerize keep that var,
+so the integer layers can be reported by their plan names (`marked_layer`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,17 @@ def mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
 @mark.register_fake
 def _(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+def marked_var(layer: str, role: str) -> str:
+    """Name of the var bound to the mark of `layer`'s input `role` ('/' for '.', which Relax names lose)."""
+    return f"{layer.replace('.', '/')}@{role}"
+
+
+def marked_layer(var_name: str) -> str | None:
+    """The plan layer of a var named by `marked_var`, else None."""
+    layer, sep, role = var_name.rpartition("@")
+    return layer.replace("/", ".") if sep and role in ("input0", "input1", "weight") else None
 
 
 def roles(op: str) -> tuple[str, ...]:
@@ -75,8 +88,9 @@ def marking(model: nn.Module) -> Iterator[nn.Module]:
 
 def _convert_mark(node: torch.fx.Node, importer) -> relax.Var:
     x = importer.env[node.args[0]]
-    layer, role = (tvm.ir.StringImm(str(a)) for a in node.args[1:3])
-    return importer.block_builder.emit(relax.call_pure_packed(MARK, x, layer, role, ty_args=x.ty))
+    layer, role = (str(a) for a in node.args[1:3])
+    call = relax.call_pure_packed(MARK, x, tvm.ir.StringImm(layer), tvm.ir.StringImm(role), ty_args=x.ty)
+    return importer.block_builder.emit(call, name_hint=marked_var(layer, role))
 
 
 def to_relax(model: nn.Module, example: torch.Tensor) -> tvm.IRModule:

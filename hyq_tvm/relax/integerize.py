@@ -15,10 +15,13 @@ where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B i
     else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
 
 Scales and zero points must be constants. Anything that cannot be integerized raises a HyqError.
+`integerize_layers` also returns an `IntegerLayer` record per rewritten op, for the layer-by-layer
+bit-exact check of verify.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import tvm
@@ -26,6 +29,7 @@ from tvm import relax, te, tirx
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
+from .importer import marked_layer
 from .reference import INT32, along
 from .requant import fixed_point_multiplier, quantize_bias
 
@@ -39,11 +43,17 @@ class _Operand:
     data: relax.Expr
     scale: np.ndarray       # float64, () or (C,)
     zero_point: np.ndarray  # int64, () or (C,)
-    axis: int               # non-negative channel axis of `data`
+    axis: int               # non-negative channel axis of `expr`
+    axes: tuple[int, ...] | None = None  # permutation applied to an activation (permute_dims after dequantize)
 
     @property
     def values(self) -> np.ndarray | None:
         return self.data.value.numpy() if isinstance(self.data, tvm.ir.expr.Constant) else None
+
+    @property
+    def expr(self) -> relax.Expr:
+        """The integer operand as the op sees it."""
+        return self.data if self.axes is None else relax.op.permute_dims(self.data, self.axes)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,36 @@ class _Core:
     offset: np.ndarray | None  # int64, broadcasts against acc
     scale: np.ndarray          # float64 accumulator scale, () or (C,) along `axis`
     axis: int
+    op: str                    # "conv2d" or "matmul"
+    inputs: tuple[relax.Expr, ...]       # the integer activation(s)
+    weight: np.ndarray | None            # int8 constant operand: OIHW, or (K, N) for matmul
+    zero_points: tuple[np.ndarray, ...]  # of A and B, int64 () or per channel
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """One integer conv2d / matmul of the graph: what reference.py needs to recompute its result.
+
+    result = requantize_acc(OP(inputs, weight, zero_points) + bias, acc_scale, out_scale, out_zero_point)
+    when out_scale is set, else dequantize_acc(OP(...), acc_scale). `inputs` and `result` are Relax vars
+    of the integerized function. An op whose output is both requantized and used in float (a residual)
+    has one record per result.
+    """
+
+    name: str                 # plan layer (from the marked var names), else the result var's name
+    op: str                   # "conv2d" or "matmul"
+    attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes
+    inputs: tuple[relax.Var, ...]
+    weight: np.ndarray | None
+    zero_points: tuple[np.ndarray, ...]
+    bias: np.ndarray | None   # int32 bias on the accumulator grid, () or (C,) along axis
+    acc_scale: np.ndarray     # float64, () or (C,) along axis
+    axis: int                 # non-negative channel axis of the result
+    out_scale: np.ndarray | None
+    out_zero_point: np.ndarray | None
+    out_dtype: str
+    result: relax.Var
 
 
 def _patterns():
@@ -100,10 +140,8 @@ def _transposed(op: _Operand, perm_call: relax.Call) -> _Operand:
     ndim = op.data.ty.ndim
     axes = list(range(ndim))[::-1] if perm_call.attrs.axes is None else [int(i) for i in perm_call.attrs.axes]
     if op.values is not None:
-        data = relax.const(np.transpose(op.values, axes))
-    else:
-        data = relax.op.permute_dims(op.data, axes)
-    return replace(op, data=data, axis=axes.index(op.axis))
+        return replace(op, data=relax.const(np.transpose(op.values, axes)), axis=axes.index(op.axis))
+    return replace(op, axes=tuple(axes), axis=axes.index(op.axis))
 
 
 def _uniform(values: np.ndarray) -> np.ndarray | None:
@@ -172,7 +210,9 @@ def _conv2d(call: relax.Call, a: _Operand, w: _Operand, where: str) -> _Core:
     acc = relax.op.nn.conv2d(a.data, relax.const(w_q), strides=attrs.strides, padding=attrs.padding,
                              dilation=attrs.dilation, groups=groups, out_dtype="int32")
     offset = -_conv_zero_correction(z_a, w_q, in_shape[2:], attrs) if np.any(z_a) else None
-    return _Core(acc, offset, s_a * s_w, 1)
+    conv_attrs = {k: tuple(int(v) for v in getattr(attrs, k)) for k in ("strides", "padding", "dilation")}
+    return _Core(acc, offset, s_a * s_w, 1, "conv2d", (a.data,), w_q, (z_a, np.int64(0)),
+                 {**conv_attrs, "groups": groups})
 
 
 def _matmul_weight(a: _Operand, b: _Operand, where: str) -> _Core:
@@ -184,23 +224,24 @@ def _matmul_weight(a: _Operand, b: _Operand, where: str) -> _Core:
     z_a = _per_channel(a.zero_point, a, _last(a), k, "the input zero point", where)
     acc = relax.op.matmul(a.data, relax.const(w_q), out_dtype="int32")
     offset = -(np.broadcast_to(z_a, (k,)) @ w_q.astype(np.int64)) if np.any(z_a) else None
-    return _Core(acc, offset, _scalar(a.scale, "the input scale", where) * s_w, -1)
+    return _Core(acc, offset, _scalar(a.scale, "the input scale", where) * s_w, -1, "matmul", (a.data,), w_q,
+                 (z_a, np.int64(0)))
 
 
 def _matmul_activations(a: _Operand, b: _Operand, where: str) -> _Core:
     """int8 a @ b of two activations (per-tensor quantized) with the zero-point terms computed at run time."""
     s_a, s_b = _scalar(a.scale, "the scale of A", where), _scalar(b.scale, "the scale of B", where)
     z_a, z_b = _scalar(a.zero_point, "the zero point of A", where), _scalar(b.zero_point, "the zero point of B", where)
-    acc = relax.op.matmul(a.data, b.data, out_dtype="int32")
+    acc = relax.op.matmul(a.data, b.expr, out_dtype="int32")
     if z_a:
-        col = relax.op.sum(relax.op.astype(b.data, "int32"), axis=[-2], keepdims=True)
+        col = relax.op.sum(relax.op.astype(b.expr, "int32"), axis=[-2], keepdims=True)
         acc = relax.op.subtract(acc, relax.op.multiply(col, relax.const(int(z_a), "int32")))
     if z_b:
         row = relax.op.sum(relax.op.astype(a.data, "int32"), axis=[-1], keepdims=True)
         acc = relax.op.subtract(acc, relax.op.multiply(row, relax.const(int(z_b), "int32")))
     k = _shape(a.data, where)[-1]
     offset = np.array(k * int(z_a) * int(z_b), np.int64) if z_a and z_b else None
-    return _Core(acc, offset, s_a * s_b, -1)
+    return _Core(acc, offset, s_a * s_b, -1, "matmul", (a.data, b.data), None, (z_a, z_b), {"b_axes": b.axes})
 
 
 def _last(op: _Operand) -> int:
@@ -222,12 +263,25 @@ class _Integerizer:
         self.builder = relax.BlockBuilder(mod)
         self.requant_funcs: dict[tuple, tvm.ir.GlobalVar] = {}
         self.quant, self.core, self.named = _patterns()
+        self.layers: dict[relax.Var, IntegerLayer] = {}
 
     def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
         """'<op> <var> in @<function>' for the binding that computes `call`."""
-        name = next((b.var.name for block in func.body.blocks for b in block.bindings
-                     if b.value.same_as(call)), "?")
-        return f"{call.op.name} '{name}' in @{func_name}"
+        var = _bound_var(func, call)
+        return f"{call.op.name} '{var.name if var is not None else '?'}' in @{func_name}"
+
+    def record(self, func_name: str, func: relax.Function, root: relax.Call, m: dict, core: _Core, **out) -> None:
+        """Keep the IntegerLayer of a match rewritten in @main (keyed by its result var)."""
+        if func_name != "main":
+            return
+        result = _bound_var(func, root)
+        act = _bound_var(func, m[self.named["a"]])
+        name = marked_layer(act.name) if act is not None else None
+        inputs = tuple(core.inputs)
+        if result is None or not all(isinstance(v, relax.Var) for v in inputs):
+            raise HyqError(f"{self.where(func_name, func, root)}: its inputs or result are not bound to vars")
+        self.layers[result] = IntegerLayer(name or result.name, core.op, core.attrs, inputs, core.weight,
+                                           core.zero_points, result=result, **out)
 
     def core_of(self, m: dict, where: str) -> _Core:
         """The integer conv2d / matmul of a match."""
@@ -250,10 +304,10 @@ class _Integerizer:
         return self.requant_funcs[key]
 
     def accumulate(self, core: _Core, bias: np.ndarray | None, ndim: int, where: str) -> relax.Expr:
-        """acc + (bias / scale rounded + offset) in int32."""
+        """acc + (bias + offset) in int32; `bias` is already on the accumulator grid."""
         offset = core.offset
         if bias is not None:
-            b = along(quantize_bias(bias, core.scale), core.axis % ndim, ndim).astype(np.int64)
+            b = along(bias, core.axis % ndim, ndim).astype(np.int64)
             offset = b if offset is None else offset + b
         if offset is None:
             return core.acc
@@ -273,7 +327,7 @@ class _Integerizer:
             channels = shape[axis]
             bias = None
             if n["bias"] in m:
-                bias = _bias_vector(m[n["bias"]].args[1].value.numpy(), shape, axis, where)
+                bias = quantize_bias(_bias_vector(m[n["bias"]].args[1].value.numpy(), shape, axis, where), core.scale)
             acc = self.accumulate(core, bias, len(shape), where)
             out = _operand_like(root, where)
             s_o = _per_channel(out.scale, out, axis, channels, "the output scale", where)
@@ -282,9 +336,11 @@ class _Integerizer:
             params = [np.broadcast_to(v, np.broadcast(q, shift, z_o).shape).reshape(-1).astype(np.int32)
                       for v in (q, np.maximum(shift, 0), np.maximum(-shift, 0), z_o)]
             width = params[0].size
-            gv = self.requant_func(shape, axis, width, bool(np.any(params[1])), str(root.attrs.out_dtype))
-            return relax.call_tir(gv, [acc, *(relax.const(p) for p in params)],
-                                  relax.TensorType(shape, str(root.attrs.out_dtype)))
+            out_dtype = str(root.attrs.out_dtype)
+            gv = self.requant_func(shape, axis, width, bool(np.any(params[1])), out_dtype)
+            self.record(func_name, func, root, m, core, bias=bias, acc_scale=core.scale, axis=axis, out_scale=s_o,
+                        out_zero_point=z_o, out_dtype=out_dtype)
+            return relax.call_tir(gv, [acc, *(relax.const(p) for p in params)], relax.TensorType(shape, out_dtype))
         return rewrite
 
     def dequantized(self, func_name: str, func: relax.Function):
@@ -296,6 +352,8 @@ class _Integerizer:
             ndim = len(_shape(op, where))
             acc = relax.op.astype(self.accumulate(core, None, ndim, where), dtype)
             scale = along(core.scale.astype(dtype), core.axis % ndim, ndim)
+            self.record(func_name, func, op, m, core, bias=None, acc_scale=core.scale, axis=core.axis % ndim,
+                        out_scale=None, out_zero_point=None, out_dtype=dtype)
             return relax.op.multiply(acc, relax.const(scale, dtype))
         return rewrite
 
@@ -307,6 +365,11 @@ class _Integerizer:
                 func = _rewrite(self.core, self.dequantized(name, func), func)
                 self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
         return self.builder.get()
+
+
+def _bound_var(func: relax.Function, value: relax.Expr) -> relax.Var | None:
+    """The var `func` binds `value` to, if any."""
+    return next((b.var for block in func.body.blocks for b in block.bindings if b.value.same_as(value)), None)
 
 
 def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
@@ -381,8 +444,25 @@ def check_integer(mod: tvm.IRModule) -> None:
                                    f" {dtypes}: its inputs are not dequantized int8 tensors with constant scales")
 
 
+def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLayer]]:
+    """integerize(mod) and the IntegerLayer of every rewritten op of `main`, in binding order.
+
+    Trivial bindings are merged first, as the rewrite would merge them afterwards (losing result vars).
+    """
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    integerizer = _Integerizer(mod)
+    out = integerizer.run(mod)
+    check_integer(out)
+    if not integerizer.layers:
+        return out, []
+    bound = [b.var for block in out["main"].body.blocks for b in block.bindings]
+    order = {var: i for i, var in enumerate(bound)}
+    missing = [layer.name for layer in integerizer.layers.values() if layer.result not in order]
+    if missing:
+        raise HyqError(f"integer layer(s) lost their result var in @main: {', '.join(missing)}")
+    return out, sorted(integerizer.layers.values(), key=lambda layer: order[layer.result])
+
+
 def integerize(mod: tvm.IRModule) -> tvm.IRModule:
     """Rewrite every QDQ conv2d / matmul of every Relax function into integer arithmetic (see the module doc)."""
-    out = _Integerizer(mod).run(mod)
-    check_integer(out)
-    return out
+    return integerize_layers(mod)[0]
