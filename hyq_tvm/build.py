@@ -16,6 +16,7 @@ from .quant.plan import QuantPlan
 FORMAT = "hyq-tvm/artifact"
 VERSION = 1
 LIBRARY = "model.so"
+HOST_LIBRARY = "host.so"  # host twin of a cross-compiled model.so
 PLAN = "plan.json"
 METADATA = "metadata.json"
 
@@ -40,13 +41,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_artifact(out_dir: str | os.PathLike, executable: tvm.runtime.Executable, plan: QuantPlan,
-                   metadata: dict[str, Any]) -> Path:
-    """Write library, plan and metadata (with the SHA-256 of library and plan) to `out_dir`."""
+                   metadata: dict[str, Any], fcompile=None, host_executable=None) -> Path:
+    """Write library, plan and metadata (with the SHA-256 of library and plan) to `out_dir`.
+    fcompile: export_library's compiler (a cross compiler for another architecture). host_executable:
+    the same integer graph built for this machine (HOST_LIBRARY), the reference a device run is checked
+    against bit for bit (hyq_tvm.bench)."""
     with atomic_dir(out_dir) as tmp:
-        executable.export_library(str(tmp / LIBRARY))
+        executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
         plan.save(tmp / PLAN)
         hashes = {"library": sha256_file(tmp / LIBRARY), "plan": sha256_file(tmp / PLAN),
                   "weights": plan.model["weights_sha256"]}
+        files = {"library": LIBRARY, "plan": PLAN}
+        if host_executable is not None:
+            host_executable.export_library(str(tmp / HOST_LIBRARY))
+            hashes["host_library"] = sha256_file(tmp / HOST_LIBRARY)
+            files["host_library"] = HOST_LIBRARY
         write_json(tmp / METADATA, {"format": FORMAT, "version": VERSION, **metadata, "sha256": hashes,
-                                    "files": {"library": LIBRARY, "plan": PLAN}})
+                                    "files": files})
     return Path(out_dir)

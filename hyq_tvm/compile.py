@@ -71,16 +71,21 @@ def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str
                  progress: bool = False) -> Path:
     """Lower, build for `target` and write the artifact folder `out_dir`; returns it."""
     spec = load_target(target)
-    stage = _Stages(4, progress)
+    fcompile = spec.fcompile()  # the cross compiler, checked before the long stages
+    stage = _Stages(4 if spec.is_host else 5, progress)
     with contextlib.closing(stage.bar):
         mod, facts = _lower(plan, weights, stage)
         tvm_target = spec.tvm_target()
         with stage("build"):
             executable = tvm.compile(mod, target=tvm_target)
-    metadata = {"model": plan.model["name"], "target": {"name": target, "tvm": str(tvm_target)},
+        host_executable = None
+        if not spec.is_host:  # the same integer graph for this machine: bench's bit-exact reference
+            with stage("host twin"):
+                host_executable = tvm.compile(mod, target=load_target("host").tvm_target())
+    metadata = {"model": plan.model["name"], "target": {**spec.summary(), "tvm": str(tvm_target)},
                 "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
                 **facts, "seconds": stage.seconds, "versions": {"tvm": tvm.__version__, "torch": torch.__version__}}
-    return write_artifact(out_dir, executable, plan, metadata)
+    return write_artifact(out_dir, executable, plan, metadata, fcompile, host_executable)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,13 +1,15 @@
 """Emulated boards: a name, the QEMU CPU model that stands in for it and the TVM target that fits it.
 
-A small table for now (to move into targets/*.toml later). Everything runs under qemu-user, so
-wall-clock times measured on these boards say nothing about real hardware; instruction counts do.
+The table is read from targets/*.toml (hyq_tvm.targets): every target with an [emulation] section is
+a board. Everything runs under qemu-user, so wall-clock times measured on these boards say nothing
+about real hardware; instruction counts do.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import HyqError
+from ..targets import TargetSpec, emulated_targets
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,9 @@ class Board:
     mattr: tuple = field(default=("+neon",))
     qemu_arch: str = "aarch64"
     triple: str = "aarch64-linux-gnu"
+    key: str = ""          # default tracker key (the board name when empty)
+    threads: int | None = None
+    arch: str = "aarch64"  # ELF architecture of libraries built for it
 
     def target(self) -> dict:
         """The TVM target dict for code that runs on this board."""
@@ -27,12 +32,14 @@ class Board:
                 "num-cores": self.num_cores}
 
 
-BOARDS: dict[str, Board] = {b.name: b for b in (
-    Board("rasp4b", "cortex-a72", "cortex-a72", 4, "Raspberry Pi 4 Model B (BCM2711, 4x Cortex-A72)"),
-    Board("rasp3b", "cortex-a53", "cortex-a53", 4, "Raspberry Pi 3 Model B (BCM2837, 4x Cortex-A53)"),
-    Board("jetson-nano", "cortex-a57", "cortex-a57", 4, "NVIDIA Jetson Nano CPU (4x Cortex-A57)"),
-    Board("rk3399", "cortex-a72", "cortex-a72", 2, "Rockchip RK3399 big cores (2x Cortex-A72; the 4x A53 are not modelled)"),
-)}
+def board_from_target(spec: TargetSpec) -> Board:
+    llvm = spec.llvm
+    return Board(spec.name, spec.qemu_cpu, llvm["mcpu"], int(llvm.get("num-cores", 1)), spec.description,
+                 tuple(llvm.get("mattr", ())), spec.qemu_arch, spec.triple(), spec.rpc_key or spec.name,
+                 spec.threads, spec.arch)
+
+
+BOARDS: dict[str, Board] = {s.name: board_from_target(s) for s in emulated_targets()}
 
 
 def known_boards() -> str:

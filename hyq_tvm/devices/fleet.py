@@ -199,7 +199,7 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
         raise HyqError(f"--count must be at least 1, not {count}")
     cache = cache or cache_dir()
     spath = state_file or state_path(cache)
-    key = key or board.name
+    key = key or board.key or board.name
     state = load_state(spath)
     state["boards"] = [b for b in state["boards"] if alive(b.get("pgid"))]  # forget boards that died
     old = state.get("tracker")

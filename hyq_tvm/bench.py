@@ -1,0 +1,457 @@
+"""Benchmark an artifact on a device behind a TVM RPC tracker (python -m hyq_tvm.bench).
+
+  python -m hyq_tvm.bench --tracker 127.0.0.1:9190 --key rasp4b --artifact artifacts/mobilevit_xxs-rasp4b
+
+Requests a session for --key from the tracker (waiting at most --timeout s for a free device), refuses
+an artifact whose model.so is built for another architecture than the key's (before any upload),
+uploads model.so, measures latency with time_evaluator, then runs the first --limit Fashion-MNIST test
+images on the device and compares every output bit for bit with the host twin of the same integer graph
+(host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
+Writes reports/device_<key>.json and .md (one row per model). Boards started by hyq_tvm.device are
+labelled emulated: their wall-clock times say nothing about real hardware.
+
+The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
+reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import HyqError, run_cli
+from .fileio import atomic_path, sha256_file, write_json
+from .targets import elf_arch, host_arch, target_for_key
+
+DEFAULT_LIMIT = 200
+DEFAULT_TIMEOUT = 60.0
+MAX_RECONNECTS = 3
+
+
+# --- tracker and sessions ---------------------------------------------------------------------------
+def parse_tracker(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise HyqError(f"tracker address {addr!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def check_tracker(host: str, port: int, timeout: float = 5.0) -> dict:
+    """The tracker's summary; HyqError (one line) when nothing answers at host:port."""
+    from .devices.fleet import tracker_summary
+
+    return tracker_summary(host, port, timeout)
+
+
+def request_session(host: str, port: int, key: str, timeout: float, session_timeout: float = 0):
+    """(session, (server host, server port)) for `key`; HyqError when no device is free within `timeout` s."""
+    from tvm import rpc
+    from tvm.rpc import base
+
+    try:
+        sock = socket.create_connection((host, port), timeout=min(timeout, 10) or 10)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except OSError as err:
+        raise HyqError(f"RPC tracker {host}:{port} unreachable ({err.strerror or err})") from None
+    try:
+        if magic != base.RPC_TRACKER_MAGIC:
+            raise HyqError(f"{host}:{port} is not a TVM RPC tracker")
+        sock.settimeout(timeout)
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
+        try:
+            value = base.recvjson(sock)
+        except (socket.timeout, TimeoutError):
+            queue = check_tracker(host, port).get("queue_info", {}).get(key)
+            raise HyqError(f"no free device with key {key!r} on tracker {host}:{port} within {timeout:g} s "
+                           f"(tracker queue for the key: {queue or 'none registered'})") from None
+        except OSError as err:
+            raise HyqError(f"RPC tracker {host}:{port} closed the connection ({err})") from None
+    finally:
+        sock.close()
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise HyqError(f"RPC tracker {host}:{port} refused the request for {key!r}: {value}")
+    url, sport, matchkey = value[1]
+    try:
+        return rpc.connect(url, sport, matchkey, session_timeout), (url, int(sport))
+    except Exception as err:  # noqa: BLE001 - TVM raises several types here
+        raise HyqError(f"RPC server {url}:{sport} for {key!r} refused the session ({err})") from None
+
+
+# --- what the tracker's servers are --------------------------------------------------------------------
+@dataclass
+class DeviceInfo:
+    key: str
+    arch: str | None              # None: unknown (not checked)
+    emulated: bool | None = None  # None: unknown until a session names the server
+    board: str | None = None
+    qemu_cpu: str | None = None
+    icount: bool = False
+    entries: list[dict] = field(default_factory=list)  # fleet state entries under the key
+
+
+def device_info(key: str, tracker: tuple[str, int], state_file: Path | None) -> DeviceInfo:
+    """The key's architecture and fleet entries: from the emulated-board state, else from targets/."""
+    from .devices import fleet
+    from .devices.boards import BOARDS
+
+    state = fleet.load_state(state_file or fleet.state_path())
+    t = state.get("tracker") or {}
+    same_tracker = (t.get("host"), t.get("port")) == tracker
+    entries = [b for b in state.get("boards", []) if same_tracker and b.get("key") == key and fleet.alive(b.get("pgid"))]
+    arch = None
+    if entries and entries[0].get("board") in BOARDS:
+        arch = BOARDS[entries[0]["board"]].arch
+    elif (spec := target_for_key(key)) is not None:
+        arch = spec.arch
+    return DeviceInfo(key, arch, entries=entries)
+
+
+def identify_server(info: DeviceInfo, addr: tuple[str, int]) -> None:
+    """Label the session's server: an emulated board of our fleet state, or a real device."""
+    for b in info.entries:
+        if int(b["port"]) == addr[1] and b["host"] in (addr[0], "0.0.0.0"):
+            info.emulated, info.board, info.qemu_cpu, info.icount = True, b["name"], b.get("qemu_cpu"), bool(b.get("icount"))
+            return
+    info.emulated, info.board = False, f"{addr[0]}:{addr[1]}"
+
+
+# --- the artifact ----------------------------------------------------------------------------------------
+@dataclass
+class Artifact:
+    path: Path
+    meta: dict
+    plan_model: dict
+    library: Path
+    host_library: Path | None
+    arch: str
+
+    @property
+    def model(self) -> str:
+        return self.meta.get("model") or self.plan_model["name"]
+
+
+def load_artifact(path: Path) -> Artifact:
+    meta_file = path / "metadata.json"
+    if not meta_file.is_file():
+        raise HyqError(f"{path} is not an artifact folder (no metadata.json; make one with python -m hyq_tvm.compile)")
+    meta = json.loads(meta_file.read_text())
+    files = meta.get("files", {})
+    library = path / files.get("library", "model.so")
+    plan = path / files.get("plan", "plan.json")
+    for f in (library, plan):
+        if not f.is_file():
+            raise HyqError(f"artifact {path} lacks {f.name}")
+    if meta.get("sha256", {}).get("library") not in (None, sha256_file(library)):
+        raise HyqError(f"{library} does not match the SHA-256 in {meta_file} (rebuild the artifact)")
+    host_lib = path / files["host_library"] if "host_library" in files else None
+    arch = elf_arch(library)
+    if host_lib is None and arch == host_arch():
+        host_lib = library  # a host artifact is its own twin
+    if host_lib is None or not host_lib.is_file():
+        raise HyqError(f"artifact {path} has no host twin of model.so to check the device against: "
+                       f"rebuild it with python -m hyq_tvm.compile (it saves host.so for cross targets)")
+    return Artifact(path, meta, json.loads(plan.read_text())["model"], library, host_lib, arch)
+
+
+# --- the resumable accuracy loop ----------------------------------------------------------------------
+class WorkFile:
+    """Finished images, one JSON line each ({"i", "label", "pred", "host_pred", "bitexact", "maxdiff"})."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        self.done: dict[int, dict] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            if lines and json.loads(lines[0]) == header:
+                for line in lines[1:]:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a crash: that image is run again
+                    self.done.setdefault(int(row["i"]), row)
+            else:
+                path.unlink()
+        if not path.is_file():
+            path.write_text(json.dumps(header) + "\n")
+
+    def add(self, row: dict) -> None:
+        if row["i"] in self.done:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[row["i"]] = row
+
+
+class Remote:
+    """A session with the artifact loaded, reconnecting (re-request, re-upload) when the server dies."""
+
+    def __init__(self, tracker: tuple[str, int], key: str, art: Artifact, timeout: float, info: DeviceInfo,
+                 log: Callable[[str], None], state_file: Path | None = None):
+        self.tracker, self.key, self.art, self.timeout, self.info, self.log = tracker, key, art, timeout, info, log
+        self.state_file = state_file
+        self.sess = self.vm = None
+        self.connects = 0
+
+    def connect(self):
+        from tvm import relax
+
+        self.close()
+        sess, addr = request_session(*self.tracker, self.key, self.timeout)
+        if self.connects:  # a board may have been restarted since: read the fleet state again
+            self.info.entries = device_info(self.key, self.tracker, self.state_file).entries
+        identify_server(self.info, addr)
+        t0 = time.perf_counter()
+        remote_name = f"hyq-{self.art.meta.get('sha256', {}).get('library', 'model')[:12]}.so"
+        sess.upload(str(self.art.library), remote_name)
+        self.vm = relax.VirtualMachine(sess.load_module(remote_name), sess.cpu())
+        self.sess = sess
+        self.connects += 1
+        self.log(f"session {self.connects} on {self.info.board}: uploaded and loaded model.so "
+                 f"in {time.perf_counter() - t0:.1f} s")
+        return self
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        return self.vm["main"](tvm.runtime.tensor(x, self.sess.cpu())).numpy()
+
+    def close(self):
+        self.vm = self.sess = None
+
+
+def _rpc_failure(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, (OSError, ConnectionError)) or any(
+        s in text for s in ("RPCSessionTimeoutError", "connection", "Connection", "socket", "Socket", "RPC"))
+
+
+def run_images(remote: Remote, host_vm, dataset, indices: list[int], work: WorkFile,
+               log: Callable[[str], None]) -> None:
+    """Run every unfinished index on the device and the host twin; reconnect on RPC failures."""
+    import tvm
+
+    failures = 0
+    todo = [i for i in indices if i not in work.done]
+    if len(todo) < len(indices):
+        log(f"resuming: {len(indices) - len(todo)} of {len(indices)} images already done ({work.path})")
+    for n, i in enumerate(todo):
+        x, label = dataset[i]
+        x = x[None].numpy().astype("float32")
+        while True:
+            try:
+                if remote.vm is None:
+                    remote.connect()
+                got = remote.run(x)
+                break
+            except HyqError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                if not _rpc_failure(err):
+                    raise
+                failures += 1
+                remote.close()
+                if failures > MAX_RECONNECTS:
+                    raise HyqError(f"the RPC session for {remote.key!r} failed {failures} times; "
+                                   f"last: {str(err).splitlines()[0][:200]} (finished images are kept in "
+                                   f"{work.path}; rerun to resume)") from None
+                log(f"image {i}: RPC session lost ({str(err).splitlines()[0][:120]}); reconnecting")
+        want = host_vm["main"](tvm.runtime.tensor(x)).numpy()
+        bitexact = got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+        work.add({"i": i, "label": int(label), "pred": int(got.argmax()), "host_pred": int(want.argmax()),
+                  "bitexact": bool(bitexact),
+                  "maxdiff": float(np.abs(got.astype("float64") - want.astype("float64")).max())})
+        if (n + 1) % 25 == 0:
+            log(f"{len(work.done)}/{len(indices)} images")
+
+
+# --- latency and instructions ----------------------------------------------------------------------------
+def measure_latency(remote: Remote, x: np.ndarray, repeat: int, number: int = 1) -> dict:
+    import tvm
+
+    dev = remote.sess.cpu()
+    timer = remote.vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=0)
+    results = np.array(timer(tvm.runtime.tensor(x, dev)).results) * 1e3
+    return {"latency_ms_median": round(float(np.median(results)), 3),
+            "latency_ms_p90": round(float(np.percentile(results, 90)), 3), "runs": int(number * repeat)}
+
+
+def count_instructions(remote: Remote, x: np.ndarray, n: int, log) -> tuple[int | None, str]:
+    """Per-inference instructions on an --icount board: the counts of two sessions, one with n inferences
+    and one with none, differ by n inferences (each session process writes its count when it ends)."""
+    info = remote.info
+    if not info.emulated:
+        return None, "not an emulated board: no instruction counts"
+    if not info.icount:
+        return None, "board not started with --icount (python -m hyq_tvm.device start BOARD --icount)"
+    from .devices.icount import server_counts
+
+    def session_count(k: int) -> int:
+        before = {(b["name"], p) for b in info.entries for p in server_counts(b)}
+        r = Remote(remote.tracker, remote.key, remote.art, remote.timeout,
+                   DeviceInfo(info.key, info.arch, entries=info.entries), log, remote.state_file).connect()
+        for _ in range(k):
+            r.run(x)
+        r.close()
+        del r
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = [c for b in info.entries for p, c in server_counts(b).items() if (b["name"], p) not in before]
+            if new:
+                return new[0]
+            time.sleep(0.5)
+        raise HyqError("no instruction count appeared after the session ended")
+
+    remote.close()
+    try:
+        c0, cn = session_count(0), session_count(n)
+    except HyqError as err:
+        return None, f"instruction count failed: {err}"
+    return round((cn - c0) / n), f"(session with {n} inferences - session with none) / {n}, qemu TCG plugin"
+
+
+# --- reports -------------------------------------------------------------------------------------------
+COLUMNS = ("model", "key", "emulated", "latency_ms_median", "latency_ms_p90", "runs", "bitexact", "top1",
+           "instructions")
+
+
+def write_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
+    """Add (or replace) the model's row in reports/device_<key>.json and rewrite the Markdown twin."""
+    path = out_dir / f"device_{key}.json"
+    rows = []
+    if path.is_file():
+        try:
+            rows = json.loads(path.read_text()).get("rows", [])
+        except json.JSONDecodeError:
+            rows = []
+    rows = [r for r in rows if (r.get("model"), r.get("calibration"), r.get("target")) !=
+            (row["model"], row["calibration"], row["target"])] + [row]
+    write_json(path, {"generated_by": "python -m hyq_tvm.bench", "key": key, "rows": rows})
+    md = out_dir / f"device_{key}.md"
+    lines = [f"# Device benchmark: key `{key}`", ""]
+    if any(r.get("emulated") for r in rows):
+        lines += ["**EMULATED** rows ran under qemu-user on an x86-64 host, not on the real board: their "
+                  "wall-clock latencies say nothing about real hardware. Instruction counts (where given) are "
+                  "exact for the emulated CPU.", ""]
+    lines += ["Generated by `python -m hyq_tvm.bench`. bitexact: every device output equals the host twin of the "
+              "same integer graph bit for bit; top1: accuracy of the device's outputs.", "",
+              "| model | W/A | key | device | latency median ms | p90 ms | runs | bitexact | top1 % | images | instructions |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dev = f"EMULATED ({r.get('board')}, qemu -cpu {r.get('qemu_cpu')})" if r.get("emulated") else str(r.get("board"))
+        label = " (emulated)" if r.get("emulated") else ""
+        cal = r.get("calibration") or {}
+        lines.append(f"| {r['model']} | {cal.get('method')} W{cal.get('wbits')}A{cal.get('abits')} | {r['key']} | {dev} | "
+                     f"{r['latency_ms_median']}{label} | {r['latency_ms_p90']}{label} | {r['runs']} | "
+                     f"{'yes' if r['bitexact'] else 'NO'} ({r['bitexact_images']}/{r['images']}) | {r['top1']:.2f} | "
+                     f"{r['images']} | {r['instructions'] if r['instructions'] is not None else 'n/a'} |")
+    notes = [f"- {r['model']}: instructions: {r['instructions_note']}" for r in rows if r.get("instructions_note")]
+    lines += ["", *notes, ""]
+    with atomic_path(md) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path, md
+
+
+# --- main ------------------------------------------------------------------------------------------------
+def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIMIT, timeout: float = DEFAULT_TIMEOUT,
+          repeat: int = 10, data: str | None = None, reports: str | Path = "reports", state_file: Path | None = None,
+          icount_images: int = 2, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Benchmark `artifact` on a device for `key`; returns the report row."""
+    t_start = time.perf_counter()
+    thost, tport = parse_tracker(tracker)
+    art = load_artifact(Path(artifact))
+    info = device_info(key, (thost, tport), state_file)
+    if info.arch is not None and info.arch != art.arch:
+        raise HyqError(f"artifact {art.path} is built for {art.arch} (model.so) but key {key!r} is {info.arch}: "
+                       f"not uploaded; compile it with --target {key}")
+    if limit < 0:
+        raise HyqError(f"--limit must be at least 0, not {limit}")
+    check_tracker(thost, tport)
+    if info.arch is None:
+        log(f"warning: the architecture of key {key!r} is unknown (not a target in targets/ nor a board of the "
+            f"fleet state); model.so ({art.arch}) is not checked against it")
+    remote = Remote((thost, tport), key, art, timeout, info, log, state_file).connect()
+    import tvm
+
+    from . import data as datasets
+
+    pm = art.plan_model
+    dataset = datasets.open_dataset(data, "test", pm["img_size"], pm["mean"], pm["std"])
+    indices = list(range(min(limit, len(dataset))))
+    host_vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(art.host_library)), tvm.cpu())
+    x0 = dataset[0][0][None].numpy().astype("float32")
+    latency = measure_latency(remote, x0, repeat)
+    log(f"latency{' (EMULATED)' if info.emulated else ''}: median {latency['latency_ms_median']} ms, "
+        f"p90 {latency['latency_ms_p90']} ms over {latency['runs']} runs")
+
+    work_id = f"{key}-{art.model}-{sha256_file(art.library)[:12]}-{sha256_file(art.host_library)[:12]}"
+    header = {"library": sha256_file(art.library), "host_library": sha256_file(art.host_library),
+              "dataset": getattr(dataset, "name", str(data)), "key": key}
+    work = WorkFile(Path(reports) / ".work" / f"{work_id}.jsonl", header)
+    run_images(remote, host_vm, dataset, indices, work, log)
+    done = [work.done[i] for i in indices]
+    exact = sum(r["bitexact"] for r in done)
+
+    instructions, note = count_instructions(remote, x0, icount_images, log)
+    remote.close()
+    cal = {k: art.meta.get("calibration", {}).get(k) for k in ("method", "wbits", "abits", "mode")}
+    row = {"model": art.model, "key": key, "emulated": bool(info.emulated), **latency,
+           "bitexact": bool(done) and exact == len(done), "top1": round(100.0 * sum(r["pred"] == r["label"] for r in done)
+                                                                  / max(len(done), 1), 2),
+           "instructions": instructions, "instructions_note": note,
+           "top1_host": round(100.0 * sum(r["host_pred"] == r["label"] for r in done) / max(len(done), 1), 2),
+           "images": len(done), "bitexact_images": exact, "max_abs_diff": max((r["maxdiff"] for r in done), default=0.0),
+           "not_bitexact": [{k: r[k] for k in ("i", "maxdiff", "pred", "host_pred")} for r in done if not r["bitexact"]],
+           "board": info.board, "qemu_cpu": info.qemu_cpu, "arch": art.arch, "target": art.meta.get("target", {}).get("name"),
+           "calibration": cal, "artifact": str(art.path), "library_sha256": header["library"],
+           "sessions": remote.connects, "bench_seconds": round(time.perf_counter() - t_start, 1)}
+    if info.emulated:
+        row["note"] = "EMULATED: qemu-user on x86-64; wall-clock latency says nothing about the real board"
+    json_path, md_path = write_reports(Path(reports), key, row)
+    work.path.unlink(missing_ok=True)
+    row["reports"] = [str(json_path), str(md_path)]
+    return row
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hyq_tvm.bench", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracker", required=True, help="HOST:PORT of the TVM RPC tracker")
+    p.add_argument("--key", required=True, help="device key registered with the tracker (e.g. rasp4b)")
+    p.add_argument("--artifact", required=True, type=Path, help="artifact folder from python -m hyq_tvm.compile")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"test images to run (default {DEFAULT_LIMIT})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for a free device (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--repeat", type=int, default=10, help="time_evaluator repeats (default 10, number=1)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the system copy)")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="where device_<key>.json/.md go")
+    p.add_argument("--devices-state", type=Path, default=None,
+                   help="state file of hyq_tvm.device (default: the cache's), to label emulated boards")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data, args.reports,
+                args.devices_state)
+    emu = " EMULATED" if row["emulated"] else ""
+    print(f"{row['model']} on {args.key}{emu}: latency median {row['latency_ms_median']} ms (p90 "
+          f"{row['latency_ms_p90']}, {row['runs']} runs); bitexact {row['bitexact']} "
+          f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%); "
+          f"instructions {row['instructions']}; -> {', '.join(row['reports'])}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
