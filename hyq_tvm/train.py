@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--train-images", type=int, default=None, help="train on the first N training images only")
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--save-every", type=int, default=200, help="steps between resumable snapshots")
@@ -103,7 +104,8 @@ def train(args: argparse.Namespace) -> dict:
                 snapshot()
     bar.close()
 
-    accuracy = top1(model, data.loader(test_set, 256), desc="test")
+    test_batches = data.loader(test_set, 256, limit=args.test_images)
+    accuracy = top1(model, test_batches, desc="test")
     output = args.output or zoo.proxy_checkpoint(args.model)
     metadata = {"hyq_tvm.model": args.model, "hyq_tvm.num_classes": str(num_classes),
                 "hyq_tvm.img_size": str(args.img_size), "hyq_tvm.mean": json.dumps(list(mean)),
@@ -114,7 +116,7 @@ def train(args: argparse.Namespace) -> dict:
         save_file(tensors, str(tmp), metadata=metadata)
     summary = {"model": args.model, "dataset": metadata["hyq_tvm.dataset"], "img_size": args.img_size,
                "epochs": args.epochs, "top1": round(accuracy, 2), "train_seconds": round(seconds, 1),
-               "test_images": len(test_set), "checkpoint": str(output)}
+               "test_images": len(test_batches.dataset), "checkpoint": str(output)}
     if args.output is None:
         proxies = json.loads(PROXY_SUMMARY.read_text()) if PROXY_SUMMARY.is_file() else {}
         proxies[args.model] = {k: v for k, v in summary.items() if k != "checkpoint"}
