@@ -30,7 +30,7 @@ from .relax.annotate import annotate
 from .relax.importer import import_model
 from .relax.integerize import IntegerLayer, integerize_layers
 from .relax.verify import check_values, debug_module, first_mismatch, run_debug
-from .report import PROXY_MODELS, RowCache
+from .report import add_common_args, start
 from .targets import load_target
 
 BITS = (8, 4)
@@ -124,25 +124,18 @@ def markdown(rows: list[dict], skipped: list[str]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hyq_tvm.integer_report", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(PROXY_MODELS))
+    add_common_args(p, "runs/integer")
     p.add_argument("--bits", nargs="+", type=int, default=list(BITS), help="W = A bit-widths (default: 8 4)")
     p.add_argument("--method", default="qhyvit", choices=METHODS, help="calibration of the plans")
     p.add_argument("--limit", type=int, default=2000, help="test images for top-1 and agreement")
     p.add_argument("--check", type=int, default=4, help="test images for the layer-by-layer bit-exact check")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/integer"))
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for model in args.models:
-        zoo.model_spec(model)
+    cache = start(args)
     skipped = [m for m in args.models if not zoo.proxy_checkpoint(m).is_file()]
-    cache = RowCache(args.work_dir / "rows.json")
     rows = []
     for model in tqdm([m for m in args.models if m not in skipped], desc="models", unit="model"):
         sha = sha256_file(zoo.proxy_checkpoint(model))

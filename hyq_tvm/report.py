@@ -122,25 +122,35 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def add_common_args(p: argparse.ArgumentParser, work_dir: str) -> None:
+    """The options every report command shares: --models, --threads, --out, --work-dir."""
+    p.add_argument("--models", nargs="+", default=list(PROXY_MODELS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--work-dir", type=Path, default=Path(work_dir), help="finished rows, for resuming")
+
+
+def start(args: argparse.Namespace) -> RowCache:
+    """Apply --threads, check --models and open the row cache of a report command."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for model in args.models:
+        zoo.model_spec(model)
+    return RowCache(args.work_dir / "rows.json")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hyq_tvm.report", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(PROXY_MODELS))
+    add_common_args(p, "runs/report")
     p.add_argument("--bits", nargs="+", type=int, default=list(BITS))
     p.add_argument("--ablation-bits", type=int, default=4, help="bit-width of the ablation (0: skip it)")
     p.add_argument("--limit", type=int, default=None, help="test images per evaluation (default: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--work-dir", type=Path, default=Path("runs/report"))
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for model in args.models:
-        zoo.model_spec(model)
-    cache = RowCache(args.work_dir / "rows.json")
+    cache = start(args)
     rows = accuracy_rows(args.models, args.bits, cache, args.limit)
     ablation = ablation_rows(args.models[0], args.ablation_bits, cache, args.limit) if args.ablation_bits else []
     proxies_path = zoo.CHECKPOINT_DIR / "proxies.json"
