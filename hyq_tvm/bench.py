@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .devices.fleet import parse_addr, tracker_summary
 from .errors import HyqError, run_cli
 from .fileio import atomic_path, sha256_file, write_json
 from .targets import elf_arch, host_arch, target_for_key
@@ -38,17 +39,8 @@ MAX_RECONNECTS = 3
 
 
 # --- tracker and sessions ---------------------------------------------------------------------------
-def parse_tracker(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise HyqError(f"tracker address {addr!r} is not HOST:PORT")
-    return host, int(port)
-
-
 def check_tracker(host: str, port: int, timeout: float = 5.0) -> dict:
     """The tracker's summary; HyqError (one line) when nothing answers at host:port."""
-    from .devices.fleet import tracker_summary
-
     return tracker_summary(host, port, timeout)
 
 
@@ -370,7 +362,7 @@ def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIM
           icount_images: int = 2, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Benchmark `artifact` on a device for `key`; returns the report row."""
     t_start = time.perf_counter()
-    thost, tport = parse_tracker(tracker)
+    thost, tport = parse_addr(tracker)
     art = load_artifact(Path(artifact))
     info = device_info(key, (thost, tport), state_file)
     if info.arch is not None and info.arch != art.arch:
