@@ -4,7 +4,6 @@ emulation that is exact and repeatable (for a single-threaded program with the s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import HyqError
+from ..fileio import sha256_file
 from .boards import get_board
 from .rootfs import VENV, cache_dir, require_tool
 
@@ -23,7 +23,7 @@ def build_plugin(cache: Path | None = None, source: Path = SOURCE) -> Path:
     """Compile native/icount.c with gcc -shared -fPIC into the cache (once per source version)."""
     if not source.is_file():
         raise HyqError(f"plugin source {source} not found (it ships in the repository's native/ folder)")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    digest = sha256_file(source)[:12]
     out = (cache or cache_dir()) / "native" / f"icount-{digest}.so"
     if out.is_file():
         return out
