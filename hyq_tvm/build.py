@@ -1,4 +1,4 @@
-"""Artifact folders: the compiled library, its QuantPlan and metadata.json, written atomically."""
+"""Artifact folders: the compiled library and / or QDQ ONNX model, its QuantPlan and metadata.json, written atomically."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +17,7 @@ FORMAT = "hyq-tvm/artifact"
 VERSION = 1
 LIBRARY = "model.so"
 HOST_LIBRARY = "host.so"  # host twin of a cross-compiled model.so
+ONNX = "model.onnx"  # QDQ ONNX model of the same plan (--emit onnx)
 PLAN = "plan.json"
 METADATA = "metadata.json"
 
@@ -40,22 +41,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(leftover)
 
 
-def write_artifact(out_dir: str | os.PathLike, executable: tvm.runtime.Executable, plan: QuantPlan,
-                   metadata: dict[str, Any], fcompile=None, host_executable=None) -> Path:
-    """Write library, plan and metadata (with the SHA-256 of library and plan) to `out_dir`.
-    fcompile: export_library's compiler (a cross compiler for another architecture). host_executable:
-    the same integer graph built for this machine (HOST_LIBRARY), the reference a device run is checked
-    against bit for bit (hyq_tvm.bench)."""
+def write_artifact(out_dir: str | os.PathLike, plan: QuantPlan, metadata: dict[str, Any],
+                   executable: tvm.runtime.Executable | None = None, fcompile=None, host_executable=None,
+                   onnx_model: Path | None = None) -> Path:
+    """Write the plan, the library and / or the ONNX model, and metadata (with the SHA-256 of each file)
+    to `out_dir`. fcompile: export_library's compiler (a cross compiler for another architecture).
+    host_executable: the same integer graph built for this machine (HOST_LIBRARY), the reference a device
+    run is checked against bit for bit (hyq_tvm.bench). onnx_model: a QDQ ONNX file to copy in (ONNX)."""
     with atomic_dir(out_dir) as tmp:
-        executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
+        files = {"plan": PLAN}
         plan.save(tmp / PLAN)
-        hashes = {"library": sha256_file(tmp / LIBRARY), "plan": sha256_file(tmp / PLAN),
-                  "weights": plan.model["weights_sha256"]}
-        files = {"library": LIBRARY, "plan": PLAN}
+        if executable is not None:
+            executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
+            files["library"] = LIBRARY
         if host_executable is not None:
             host_executable.export_library(str(tmp / HOST_LIBRARY))
-            hashes["host_library"] = sha256_file(tmp / HOST_LIBRARY)
             files["host_library"] = HOST_LIBRARY
-        write_json(tmp / METADATA, {"format": FORMAT, "version": VERSION, **metadata, "sha256": hashes,
-                                    "files": files})
+        if onnx_model is not None:
+            shutil.copyfile(onnx_model, tmp / ONNX)
+            files["onnx"] = ONNX
+        hashes = {key: sha256_file(tmp / name) for key, name in files.items()}
+        write_json(tmp / METADATA, {"format": FORMAT, "version": VERSION, **metadata,
+                                    "sha256": {**hashes, "weights": plan.model["weights_sha256"]}, "files": files})
     return Path(out_dir)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,11 +18,14 @@ from .build import write_artifact
 from .calibrate import calibrate
 from .errors import HyqError, run_cli
 from .quant.plan import QuantPlan
+from .onnx_qdq import OPSET, export_onnx, qdq_census
 from .relax import integerize
 from .relax.annotate import annotate
 from .relax.census import constant_bytes, op_census
 from .relax.importer import import_model, input_layers
 from .targets import load_target
+
+EMITS = ("tvm", "onnx")
 
 
 class _Stages:
@@ -68,24 +72,35 @@ def _input_facts(mod: tvm.IRModule, plan: QuantPlan, layers: list[str]) -> dict[
 
 
 def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str | Path | None = None,
-                 progress: bool = False) -> Path:
-    """Lower, build for `target` and write the artifact folder `out_dir`; returns it."""
+                 progress: bool = False, emit: tuple[str, ...] = ("tvm",)) -> Path:
+    """Write the artifact folder `out_dir` with what `emit` asks for: "tvm", the integer graph built for
+    `target`; "onnx", the QDQ ONNX model of the same plan. Returns `out_dir`."""
+    unknown = sorted(set(emit) - set(EMITS))
+    if unknown or not emit:
+        raise HyqError(f"cannot emit {', '.join(unknown) or 'nothing'}: choose from {', '.join(EMITS)}")
     spec = load_target(target)
     fcompile = spec.fcompile()  # the cross compiler, checked before the long stages
-    stage = _Stages(4 if spec.is_host else 5, progress)
-    with contextlib.closing(stage.bar):
-        mod, facts = _lower(plan, weights, stage)
-        tvm_target = spec.tvm_target()
-        with stage("build"):
-            executable = tvm.compile(mod, target=tvm_target)
-        host_executable = None
-        if not spec.is_host:  # the same integer graph for this machine: bench's bit-exact reference
-            with stage("host twin"):
-                host_executable = tvm.compile(mod, target=load_target("host").tvm_target())
-    metadata = {"model": plan.model["name"], "target": {**spec.summary(), "tvm": str(tvm_target)},
-                "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
-                **facts, "seconds": stage.seconds, "versions": {"tvm": tvm.__version__, "torch": torch.__version__}}
-    return write_artifact(out_dir, executable, plan, metadata, fcompile, host_executable)
+    metadata: dict[str, Any] = {"model": plan.model["name"], "emit": list(emit),
+                                "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
+                                "versions": {"tvm": tvm.__version__, "torch": torch.__version__}}
+    built: dict[str, Any] = {}
+    stage = _Stages(("tvm" in emit) * (4 if spec.is_host else 5) + ("onnx" in emit), progress)
+    with contextlib.closing(stage.bar), tempfile.TemporaryDirectory() as scratch:
+        if "tvm" in emit:
+            mod, facts = _lower(plan, weights, stage)
+            tvm_target = spec.tvm_target()
+            with stage("build"):
+                built["executable"] = tvm.compile(mod, target=tvm_target)
+            if not spec.is_host:  # the same integer graph for this machine: bench's bit-exact reference
+                with stage("host twin"):
+                    built["host_executable"] = tvm.compile(mod, target=load_target("host").tvm_target())
+            metadata.update(target={**spec.summary(), "tvm": str(tvm_target)}, **facts)
+        if "onnx" in emit:
+            with stage("onnx"):
+                built["onnx_model"] = export_onnx(plan, Path(scratch) / "model.onnx", weights)
+            metadata["onnx"] = {"opset": OPSET, "op_census": qdq_census(built["onnx_model"])}
+        metadata["seconds"] = stage.seconds
+        return write_artifact(out_dir, plan, metadata, fcompile=fcompile, **built)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="QuantPlan from hyq_tvm.calibrate (default: calibrate Q-HyViT W8A8 first)")
     p.add_argument("--weights", default=None, help="checkpoint; default: the embedded proxy")
     p.add_argument("--target", default="host", help="a target in targets/ (default: host)")
+    p.add_argument("--emit", nargs="+", default=["tvm"], choices=EMITS,
+                   help="tvm: the integer TVM library (default); onnx: the QDQ ONNX model of the same plan, for"
+                        " onnxruntime (model.onnx); both: --emit tvm onnx")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="artifact folder to write (default: artifacts/MODEL-TARGET)")
     return p.parse_args(argv)
@@ -113,7 +131,7 @@ def main(argv=None) -> None:
         zoo.model_spec(name)
         plan, _ = calibrate(name, args.weights, method="qhyvit", wbits=8, abits=8)
     out = args.output or Path("artifacts") / f"{plan.model['name']}-{args.target}"
-    compile_plan(plan, args.target, out, args.weights, progress=True)
+    compile_plan(plan, args.target, out, args.weights, progress=True, emit=tuple(dict.fromkeys(args.emit)))
     print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}")
 
 

@@ -12,8 +12,8 @@ from tvm import relax
 from hyq_tvm.errors import HyqError
 from hyq_tvm.relax import integerize
 from hyq_tvm.relax import reference as ref
-from hyq_tvm.relax.integerize import requantize_primfunc
-from hyq_tvm.relax.requant import fixed_point_multiplier, requantize
+from hyq_tvm.relax.integerize import integerize_layers, requantize_primfunc
+from hyq_tvm.relax.requant import fixed_point_multiplier, requantize, rounding_term
 
 RNG = np.random.default_rng(0)
 
@@ -98,9 +98,9 @@ def integerized(mod: tvm.IRModule) -> tvm.IRModule:
 
 # -- requantization -------------------------------------------------------------------------------
 
-def exact_requant(acc: int, q: int, shift: int) -> int:
-    """round-half-up(acc * q * 2^(shift - 31)) with exact rationals."""
-    value = Fraction(acc * q) * Fraction(2) ** (shift - 31)
+def exact_requant(acc: int, q: int, shift: int, bias: float = 0.0) -> int:
+    """round-half-up((acc + bias) * q * 2^(shift - 31)) with exact rationals."""
+    value = (acc + Fraction(bias)) * q * Fraction(2) ** (shift - 31)
     return int(np.floor(value + Fraction(1, 2)))
 
 
@@ -139,7 +139,27 @@ def test_requantize_edge_cases_match_tvm_and_exact_rounding():
 
     prim = requantize_primfunc(acc.shape, 0, len(q), True)
     out = np.zeros(acc.shape, np.int8)
-    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0), zero, out)
+    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0) + 31, rounding_term(q, shift), zero, out)
+    np.testing.assert_array_equal(tvm_out, expected)
+
+
+def test_requantize_carries_a_real_bias_in_one_rounding():
+    """(acc + b) * M rounded once, b not rounded to the accumulator grid first; TVM agrees bit for bit."""
+    channels = 16
+    q, shift = fixed_point_multiplier(RNG.uniform(1e-4, 0.2, channels))
+    bias = RNG.normal(0, 40, channels)
+    acc = RNG.integers(-20000, 20000, (channels, 64)).astype(np.int32)
+    expected = np.array([[np.clip(exact_requant(int(a), int(qi), int(si), float(b)), -128, 127) for a in row]
+                         for row, qi, si, b in zip(acc, q, shift, bias)], dtype=np.int8)
+    got = requantize(acc, q[:, None], shift[:, None], 0, -128, 127, bias=bias[:, None])
+    np.testing.assert_array_equal(got, expected)
+    rounded_first = requantize(acc + np.rint(bias).astype(np.int32)[:, None], q[:, None], shift[:, None], 0, -128, 127)
+    assert np.any(rounded_first != got)  # what an int32 bias on the accumulator grid would change
+
+    prim = requantize_primfunc(acc.shape, 0, channels, False)
+    c = rounding_term(q, shift, bias)
+    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0) + 31, c, np.zeros(channels, np.int32),
+                  np.zeros(acc.shape, np.int8))
     np.testing.assert_array_equal(tvm_out, expected)
 
 
@@ -173,8 +193,7 @@ def conv_case(groups: int, quantized: bool, per_channel_act: bool, padding=(1, 1
     s_a_out = s_a.reshape(groups, -1)[:, 0].repeat(o // groups) if per_channel_act else s_a
     acc_scale = np.float64(s_a_out) * s_w.astype(np.float64)
     if quantized:
-        acc = ref.add_bias(acc, np.rint(bias / acc_scale).astype(np.int32), 1)
-        expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, 1)
+        expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, 1, bias=bias / acc_scale)
     else:
         expected = ref.dequantize_acc(acc, acc_scale, 1)
     return mod, x, expected
@@ -219,8 +238,8 @@ def test_linear_requantized_is_bit_exact():
 
     mod = module({"x": ((1, t, k), "int8")}, body)
     acc_scale = np.float64(s_a) * s_w.astype(np.float64)
-    acc = ref.add_bias(ref.qmatmul(x, z_a, w_q.T, 0), np.rint(bias / acc_scale).astype(np.int32), -1)
-    expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, -1)
+    acc = ref.qmatmul(x, z_a, w_q.T, 0)
+    expected = ref.requantize_acc(acc, acc_scale, s_o, z_o, -1, bias=bias / acc_scale)
     np.testing.assert_array_equal(run(integerized(mod), x), expected)
 
 
@@ -280,3 +299,22 @@ def test_unsupported_quantization_names_the_op():
 
     with pytest.raises(HyqError, match=r"relax.nn.conv2d '\w+' in @main still computes in float32"):
         integerize(module({"x": (x_shape, "int8")}, float_conv))
+
+
+def test_two_consumers_with_equal_quantizers_share_one_requantization():
+    """A conv2d requantized alike for two consumers (equal plan quantizers): one integer layer is kept."""
+    x, w_q = int8((1, 4, 5, 5)), int8((6, 4, 1, 1))
+    s_a, z_a, s_w, s_o, z_o = np.float32(0.02), np.int8(3), scales(6), np.float32(0.3), np.int8(-1)
+
+    def body(bb, xv):
+        wd = bb.emit(dq(const(w_q, "int8"), s_w, np.zeros(6, np.int8), axis=0))
+        y = bb.emit(relax.op.nn.conv2d(bb.emit(dq(xv, s_a, z_a, axis=1)), wd))
+        q1 = bb.emit(relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1))
+        q2 = bb.emit(relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1))
+        return relax.op.add(q1, q2)
+
+    mod = module({"x": ((1, 4, 5, 5), "int8")}, body)
+    out, layers = integerize_layers(mod)
+    assert len(layers) == 1 and layers[0].out_scale is not None
+    expected = ref.requantize_acc(ref.qconv2d(x, z_a, w_q), np.float64(s_a) * s_w.astype(np.float64), s_o, z_o, 1)
+    np.testing.assert_array_equal(run(out, x), (expected.astype(np.int32) * 2).astype(np.int8))

@@ -25,7 +25,8 @@ from hyq_tvm.quant.quantizer import QuantSpec, minmax_params
 from hyq_tvm.relax import integerize
 from hyq_tvm.relax.annotate import annotate
 from hyq_tvm.relax.census import op_census
-from hyq_tvm.relax.importer import check_marks, import_model, mark_calls, mark_name, roles, to_relax
+from hyq_tvm.quant.marks import roles
+from hyq_tvm.relax.importer import check_marks, import_model, mark_calls, mark_name, to_relax
 from hyq_tvm.targets import known_targets, load_target
 
 HEAVY = ("relax.nn.conv2d(", "relax.matmul(")

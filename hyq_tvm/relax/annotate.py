@@ -21,6 +21,7 @@ from tvm import relax
 
 from ..errors import HyqError
 from ..quant.plan import QuantPlan
+from ..quant.qdq import channel_axis, qparams, weight_values
 from ..quant.quantizer import qrange
 from .importer import is_mark, mark_calls, mark_name
 
@@ -29,46 +30,6 @@ WEIGHTED_OPS = ("conv2d", "linear")
 
 def _const(values: np.ndarray, dtype: str) -> relax.Expr:
     return relax.const(np.asarray(values, dtype=dtype), dtype)
-
-
-def _qparams(t: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (int8) of a plan tensor: () per tensor, (C,) per channel."""
-    scale = np.asarray(t["scale"], np.float32)
-    zero = np.asarray(t["zero_point"], np.int8)
-    return (scale, zero) if t["granularity"] == "channel" else (scale.reshape(()), zero.reshape(()))
-
-
-def _axis(t: dict[str, Any]) -> int:
-    return int(t["axis"]) if t["granularity"] == "channel" else -1
-
-
-def _broadcast(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
-    """A scalar or per-channel vector shaped to broadcast along `axis` of an ndim-dimensional array."""
-    if values.ndim == 0:
-        return values
-    shape = [1] * ndim
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
-def folded_weight(w: np.ndarray, act_scale: np.ndarray) -> np.ndarray:
-    """The float32 weight (OI or OIHW) with the input scale(s) multiplied into its input channels."""
-    if act_scale.ndim == 0:
-        return w * act_scale
-    if w.ndim == 2:
-        return w * act_scale.reshape(1, -1)
-    groups = act_scale.size // w.shape[1]
-    per_out = np.repeat(act_scale.reshape(groups, -1), w.shape[0] // groups, axis=0)
-    return w * per_out[:, :, None, None]
-
-
-def quantize_values(x: np.ndarray, t: dict[str, Any]) -> np.ndarray:
-    """int8 clip(round(x / s) + z) of a constant with the plan tensor `t` (axis as in the plan)."""
-    scale, zero = _qparams(t)
-    qmin, qmax = qrange(t["bits"])
-    axis = _axis(t) % x.ndim
-    q = np.round(x / _broadcast(scale, axis, x.ndim)) + _broadcast(zero, axis, x.ndim).astype(np.float32)
-    return np.clip(q, qmin, qmax).astype(np.int8)
 
 
 @relax.expr_functor.mutator
@@ -91,8 +52,8 @@ class _Annotator(relax.PyExprMutator):
         return self.activation(x, t, unit_scale=entry["op"] in WEIGHTED_OPS)
 
     def activation(self, x: relax.Expr, t: dict[str, Any], unit_scale: bool) -> relax.Expr:
-        scale, zero = _qparams(t)
-        axis = _axis(t)
+        scale, zero = qparams(t)
+        axis = channel_axis(t)
         q = self.builder_.emit(relax.op.quantize(x, _const(scale, "float32"), _const(zero, "int8"), axis=axis))
         qmin, qmax = qrange(t["bits"])
         if (qmin, qmax) != (-128, 127):
@@ -101,12 +62,10 @@ class _Annotator(relax.PyExprMutator):
         return relax.op.dequantize(q, _const(dq_scale, "float32"), _const(zero, "int8"), axis=axis)
 
     def weight(self, w: relax.Expr, entry: dict[str, Any]) -> relax.Expr:
-        act_scale, _ = _qparams(entry["inputs"][0])
         t = entry["weight"]
-        folded = folded_weight(w.value.numpy(), act_scale)
-        scale, zero = _qparams(t)
-        return relax.op.dequantize(_const(quantize_values(folded, t), "int8"), _const(scale, "float32"),
-                                   _const(zero, "int8"), axis=_axis(t))
+        scale, zero = qparams(t)
+        return relax.op.dequantize(_const(weight_values(w.value.numpy(), entry), "int8"), _const(scale, "float32"),
+                                   _const(zero, "int8"), axis=channel_axis(t))
 
 
 def _check(mod: tvm.IRModule, plan: QuantPlan) -> None:

@@ -1,20 +1,16 @@
 """Import a QuantPlan's model into Relax, with every quantized input marked by its plan layer name.
 
-The prepared model (BatchNorm folded) is exported with torch.export while each QuantLayer,
-QuantMatMul and QuantAct passes its inputs through `hyq::mark(x, layer, role)`, an identity op.
-The Relax frontend turns each mark into `call_pure_packed("hyq.mark", x, layer, role)`, so the plan's
-names travel inside the IR to `annotate`. Roles: "input0", "input1" (a matmul's second operand) and
-"weight" (the float weight of a conv2d / linear, a constant). Weights stay constants.
-Each mark is bound to a var named `layer@role` (`marked_var`); annotate and integerize keep that var,
-so the integer layers can be reported by their plan names (`marked_layer`).
+The prepared model (BatchNorm folded) is exported with torch.export inside `quant.marks.marking`,
+and the Relax frontend turns each `hyq::mark(x, layer, role)` into
+`call_pure_packed("hyq.mark", x, layer, role)`, so the plan's names travel inside the IR to
+`annotate`. Weights stay constants. Each mark is bound to a var named `layer@role` (`marked_var`);
+annotate and integerize keep that var, so the integer layers can be reported by their plan names
+(`marked_layer`).
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import tvm
@@ -24,22 +20,11 @@ from tvm import relax
 
 from ..calibrate import prepared_model
 from ..errors import HyqError
-from ..quant.modules import QuantAct, QuantLayer, QuantMatMul, quant_layers
+from ..quant.marks import ROLES, export_marked, roles
 from ..quant.plan import QuantPlan, apply_plan
 from ..zoo import ModelInfo
 
 MARK = "hyq.mark"
-
-
-@torch.library.custom_op("hyq::mark", mutates_args=())
-def mark(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
-    """Identity that names a quantized input of a plan layer in the exported graph."""
-    return x.clone()
-
-
-@mark.register_fake
-def _(x: torch.Tensor, layer: str, role: str) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 def marked_var(layer: str, role: str) -> str:
@@ -50,40 +35,7 @@ def marked_var(layer: str, role: str) -> str:
 def marked_layer(var_name: str) -> str | None:
     """The plan layer of a var named by `marked_var`, else None."""
     layer, sep, role = var_name.rpartition("@")
-    return layer.replace("/", ".") if sep and role in ("input0", "input1", "weight") else None
-
-
-def roles(op: str) -> tuple[str, ...]:
-    """The marked inputs of a plan layer with op `op`."""
-    return {"conv2d": ("input0", "weight"), "linear": ("input0", "weight"),
-            "matmul": ("input0", "input1")}.get(op, ("input0",))
-
-
-def _marked_forward(name: str, layer: nn.Module):
-    """A forward computing the float op of `layer` on marked inputs."""
-    if isinstance(layer, QuantLayer):
-        return lambda x: layer._op(mark(x, name, "input0"), mark(layer.inner.weight, name, "weight"))
-    if isinstance(layer, QuantMatMul):
-        return lambda a, b: torch.matmul(mark(a, name, "input0"), mark(b, name, "input1"))
-    if isinstance(layer, QuantAct) and layer.inner is not None:
-        return lambda x: layer.inner(mark(x, name, "input0"))
-    if isinstance(layer, QuantAct):
-        func, rest, kwargs = layer.call
-        return lambda x: func(mark(x, name, "input0"), *rest, **kwargs)
-    raise TypeError(f"{name}: not a quantized module")
-
-
-@contextlib.contextmanager
-def marking(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every quantized module of a prepared model computes in float on marked inputs."""
-    layers = quant_layers(model)
-    for name, layer in layers.items():
-        layer.forward = _marked_forward(name, layer)
-    try:
-        yield model
-    finally:
-        for layer in layers.values():
-            del layer.forward
+    return layer.replace("/", ".") if sep and role in ROLES else None
 
 
 def _convert_mark(node: torch.fx.Node, importer) -> relax.Var:
@@ -95,11 +47,8 @@ def _convert_mark(node: torch.fx.Node, importer) -> relax.Var:
 
 def to_relax(model: nn.Module, example: torch.Tensor) -> tvm.IRModule:
     """The marked float model as a Relax module `main(x) -> logits`, weights as constants, constants folded."""
-    with marking(model.eval()), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-        program = torch.export.export(model, (example,))
     mod = relax.frontend.torch.from_exported_program(
-        program, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+        export_marked(model, example), keep_params_as_input=False, unwrap_unit_return_tuple=True,
         custom_convert_map={"mark.default": _convert_mark}, run_ep_decomposition=False)
     return relax.transform.FoldConstant()(mod)
 

@@ -10,8 +10,9 @@ where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B i
 `permute_dims`, the form of a linear layer) or, for matmul, a dequantized activation. It emits
 
     acc = OP(x_q, w_q, out_dtype=int32)            int8 x int8 -> int32
-        + offset                                   int32: bias / (s_a * s_w) rounded, minus the zero-point term
-    then, when quantized:   requantize(acc, multiplier s_a * s_w / s_o as Q31 + shift, z_o) -> int8 (requant.py)
+        + offset                                   int32: the zero-point terms
+    then, when quantized:   requantize(acc, multiplier s_a * s_w / s_o as Q31 + shift, bias / (s_a * s_w), z_o)
+                            -> int8, the bias carried exactly in the 64-bit rounding term (requant.py)
     else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
 
 Scales and zero points must be constants. Anything that cannot be integerized raises a HyqError.
@@ -25,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
 from .importer import marked_layer
 from .reference import INT32, along
-from .requant import fixed_point_multiplier, quantize_bias
+from .requant import fixed_point_multiplier, rounding_term
 
 INTEGER_OPS = ("relax.nn.conv2d", "relax.matmul")
 
@@ -75,7 +76,7 @@ class _Core:
 class IntegerLayer:
     """One integer conv2d / matmul of the graph: what reference.py needs to recompute its result.
 
-    result = requantize_acc(OP(inputs, weight, zero_points) + bias, acc_scale, out_scale, out_zero_point)
+    result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
     when out_scale is set, else dequantize_acc(OP(...), acc_scale). `inputs` and `result` are Relax vars
     of the integerized function. An op whose output is both requantized and used in float (a residual)
     has one record per result.
@@ -87,7 +88,7 @@ class IntegerLayer:
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
     zero_points: tuple[np.ndarray, ...]
-    bias: np.ndarray | None   # int32 bias on the accumulator grid, () or (C,) along axis
+    bias: np.ndarray | None   # float64 bias in accumulator steps (bias / acc_scale), () or (C,) along axis
     acc_scale: np.ndarray     # float64, () or (C,) along axis
     axis: int                 # non-negative channel axis of the result
     out_scale: np.ndarray | None
@@ -303,17 +304,13 @@ class _Integerizer:
             self.requant_funcs[key] = self.builder.add_func(prim, name)
         return self.requant_funcs[key]
 
-    def accumulate(self, core: _Core, bias: np.ndarray | None, ndim: int, where: str) -> relax.Expr:
-        """acc + (bias + offset) in int32; `bias` is already on the accumulator grid."""
-        offset = core.offset
-        if bias is not None:
-            b = along(bias, core.axis % ndim, ndim).astype(np.int64)
-            offset = b if offset is None else offset + b
-        if offset is None:
+    def accumulate(self, core: _Core, where: str) -> relax.Expr:
+        """acc + offset in int32."""
+        if core.offset is None:
             return core.acc
-        if np.any(offset < INT32.min) or np.any(offset > INT32.max):
-            raise HyqError(f"{where}: the int32 bias / zero-point offset overflows")
-        return relax.op.add(core.acc, relax.const(offset.astype(np.int32)))
+        if np.any(core.offset < INT32.min) or np.any(core.offset > INT32.max):
+            raise HyqError(f"{where}: the int32 zero-point offset overflows")
+        return relax.op.add(core.acc, relax.const(core.offset.astype(np.int32)))
 
     def quantized(self, func_name: str, func: relax.Function):
         """Rewriter for quantize([add(] core [, bias)]): int32 accumulation, then Q31 requantization."""
@@ -327,20 +324,22 @@ class _Integerizer:
             channels = shape[axis]
             bias = None
             if n["bias"] in m:
-                bias = quantize_bias(_bias_vector(m[n["bias"]].args[1].value.numpy(), shape, axis, where), core.scale)
-            acc = self.accumulate(core, bias, len(shape), where)
+                bias = _bias_vector(m[n["bias"]].args[1].value.numpy(), shape, axis, where) / core.scale
+            acc = self.accumulate(core, where)
             out = _operand_like(root, where)
             s_o = _per_channel(out.scale, out, axis, channels, "the output scale", where)
             z_o = _per_channel(out.zero_point, out, axis, channels, "the output zero point", where)
             q, shift = fixed_point_multiplier(core.scale / s_o)
-            params = [np.broadcast_to(v, np.broadcast(q, shift, z_o).shape).reshape(-1).astype(np.int32)
-                      for v in (q, np.maximum(shift, 0), np.maximum(-shift, 0), z_o)]
-            width = params[0].size
+            c = rounding_term(q, shift, 0.0 if bias is None else bias)
+            width = np.broadcast(q, shift, z_o, c).size
+            params = [np.broadcast_to(v, (width,)).astype(dtype) for v, dtype in (
+                (q, np.int32), (np.maximum(shift, 0), np.int32), (np.maximum(-shift, 0) + 31, np.int32),
+                (c, np.int64), (z_o, np.int32))]
             out_dtype = str(root.attrs.out_dtype)
             gv = self.requant_func(shape, axis, width, bool(np.any(params[1])), out_dtype)
             self.record(func_name, func, root, m, core, bias=bias, acc_scale=core.scale, axis=axis, out_scale=s_o,
                         out_zero_point=z_o, out_dtype=out_dtype)
-            return relax.call_tir(gv, [acc, *(relax.const(p) for p in params)], relax.TensorType(shape, out_dtype))
+            return relax.call_tir(gv, [acc, *(relax.const(p, str(p.dtype)) for p in params)], relax.TensorType(shape, out_dtype))
         return rewrite
 
     def dequantized(self, func_name: str, func: relax.Function):
@@ -350,7 +349,7 @@ class _Integerizer:
             core = self.core_of(m, where)
             dtype = _dtype(op)
             ndim = len(_shape(op, where))
-            acc = relax.op.astype(self.accumulate(core, None, ndim, where), dtype)
+            acc = relax.op.astype(self.accumulate(core, where), dtype)
             scale = along(core.scale.astype(dtype), core.axis % ndim, ndim)
             self.record(func_name, func, op, m, core, bias=None, acc_scale=core.scale, axis=core.axis % ndim,
                         out_scale=None, out_zero_point=None, out_dtype=dtype)
@@ -390,23 +389,26 @@ def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
 
 
 def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
-    """PrimFunc(acc, q, ls, rs, zp, out): out = clip(q_multiply_shift_per_axis(acc, q, ls, rs, 31) + zp, qmin, qmax).
+    """PrimFunc(acc, q, ls, rs, c, zp, out): out = clip((((int64(acc) << ls) * q + c) >> rs) + zp, qmin, qmax).
 
-    q, ls, rs, zp hold one int32 per channel along `axis` (one in all when channels is 1);
+    q, ls, rs, c (int64) and zp hold one value per channel along `axis` (one in all when channels is 1);
     `left_shift` says whether any ls is non-zero. requant.requantize is its numpy twin.
     """
     info = np.iinfo(out_dtype)
     acc = te.placeholder(shape, "int32", name="acc")
     q, ls, rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
+    c = te.placeholder((channels,), "int64", name="c")
 
     def body(*i):
-        c = i[axis] if channels > 1 else 0
-        r = tirx.q_multiply_shift_per_axis(acc(*i), q[c], ls[c], rs[c], tirx.const(31, "int32"),
-                                           tirx.const(left_shift, "bool"), tirx.const(True, "bool"))
-        shifted = r.astype("int64") + zp[c].astype("int64")  # int64: the simplifier may move the add
+        ch = i[axis] if channels > 1 else 0
+        x = acc(*i).astype("int64")
+        if left_shift:
+            x = x << ls[ch].astype("int64")
+        r = (x * q[ch].astype("int64") + c[ch]) >> rs[ch].astype("int64")
+        shifted = r + zp[ch].astype("int64")
         return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
 
-    return te.create_prim_func([acc, q, ls, rs, zp, te.compute(shape, body, name="requantize")])
+    return te.create_prim_func([acc, q, ls, rs, c, zp, te.compute(shape, body, name="requantize")])
 
 
 def _operand_like(quant: relax.Call, where: str) -> _Operand:
@@ -444,6 +446,13 @@ def check_integer(mod: tvm.IRModule) -> None:
                                    f" {dtypes}: its inputs are not dequantized int8 tensors with constant scales")
 
 
+def _computation(layer: IntegerLayer) -> tuple:
+    """What a layer record computes: two records of one op requantized alike (two consumers with equal
+    quantizers) compute the same tensor, and the rewrite keeps one of them."""
+    arrays = (layer.out_scale, layer.out_zero_point, layer.bias)
+    return (layer.inputs, layer.op, layer.out_dtype, *(None if a is None else np.asarray(a).tobytes() for a in arrays))
+
+
 def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLayer]]:
     """integerize(mod) and the IntegerLayer of every rewritten op of `main`, in binding order.
 
@@ -457,10 +466,13 @@ def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLaye
         return out, []
     bound = [b.var for block in out["main"].body.blocks for b in block.bindings]
     order = {var: i for i, var in enumerate(bound)}
-    missing = [layer.name for layer in integerizer.layers.values() if layer.result not in order]
+    kept = {_computation(layer) for layer in integerizer.layers.values() if layer.result in order}
+    missing = [layer.name for layer in integerizer.layers.values()
+               if layer.result not in order and _computation(layer) not in kept]  # else merged with its twin
     if missing:
         raise HyqError(f"integer layer(s) lost their result var in @main: {', '.join(missing)}")
-    return out, sorted(integerizer.layers.values(), key=lambda layer: order[layer.result])
+    return out, sorted((layer for layer in integerizer.layers.values() if layer.result in order),
+                       key=lambda layer: order[layer.result])
 
 
 def integerize(mod: tvm.IRModule) -> tvm.IRModule:

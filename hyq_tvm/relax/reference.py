@@ -62,20 +62,16 @@ def qmatmul(a_q, z_a, b_q, z_b) -> np.ndarray:
     return to_int32(np.matmul(a, b), "matmul")
 
 
-def add_bias(acc: np.ndarray, bias_int, axis: int) -> np.ndarray:
-    """int32 acc + bias (per output channel along `axis`)."""
-    return to_int32(acc.astype(np.int64) + along(bias_int, axis, acc.ndim).astype(np.int64), "bias add")
-
-
 def requantize_acc(acc: np.ndarray, acc_scale, out_scale, out_zero_point, axis: int,
-                   out_dtype: str = "int8") -> np.ndarray:
-    """acc (scale acc_scale) requantized to (out_scale, out_zero_point) with the Q31 fixed-point rule."""
+                   out_dtype: str = "int8", bias=0.0) -> np.ndarray:
+    """acc + bias (scale acc_scale; bias real, per channel) requantized to (out_scale, out_zero_point)
+    with the Q31 fixed-point rule of requant.py."""
     multiplier = np.asarray(acc_scale, np.float64) / np.asarray(out_scale, np.float64)
     q, shift = fixed_point_multiplier(multiplier)
     info = np.iinfo(out_dtype)
     ndim = acc.ndim
     return requantize(acc, along(q, axis, ndim), along(shift, axis, ndim), along(out_zero_point, axis, ndim),
-                      int(info.min), int(info.max), out_dtype)
+                      int(info.min), int(info.max), out_dtype, along(bias, axis, ndim))
 
 
 def dequantize_acc(acc: np.ndarray, acc_scale, axis: int, dtype: str = "float32") -> np.ndarray:

@@ -1,19 +1,20 @@
-"""Fixed-point requantization, exactly as TVM's `tirx.q_multiply_shift_per_axis` computes it.
+"""Fixed-point requantization, with the bias carried exactly in the rounding term.
 
 A positive real multiplier M is stored as a Q31 integer q and a shift s with M ~= q * 2^(s - 31)
-(`fixed_point_multiplier`). `requantize` then maps an int32 accumulator x to
+(`fixed_point_multiplier`). With L = max(s, 0) and R = 31 + max(-s, 0), `requantize` maps an int32
+accumulator x, whose layer adds a real bias b on the accumulator grid (bias / acc_scale), to
 
-    r = int32(((int64(x) << max(s, 0)) * q + 2^(max(-s, 0) + 30)) >> (max(-s, 0) + 31))
-    y = clip(int64(r) + z, qmin, qmax)
+    r = ((int64(x) << L) * q + c) >> R        c = 2^(R - 1) + floor(b * q * 2^L + 1/2)  (`rounding_term`)
+    y = clip(r + z, qmin, qmax)
 
-which is TVM's `QMultiplyShift` lowering (src/target/intrin_rule.cc, used by the FLegalize of
-`tirx.q_multiply_shift_per_axis` with q = 31): one rounding of the exact 64-bit product, to nearest
-with ties rounded up (towards +infinity), by adding half the divisor and shifting right
-arithmetically. The int64 -> int32 cast of r wraps; z is added in int64, so that sum cannot overflow.
+that is (x + b) * M rounded once, to nearest with ties up (towards +infinity): an arithmetic right
+shift of the exact 64-bit sum. Without a bias, c = 2^(R - 1) and r is TVM's
+`tirx.q_multiply_shift_per_axis(x, q, L, R - 31, 31)`. The bias is not rounded to the accumulator grid
+first: with activation scales folded into the weights that grid is the weight scale, coarse at 4 bits,
+and rounding the bias to it alone moves about one output in a hundred by a whole step away from
+the fake-quant model's round((x + b) * M).
 
-The result is exact while |x| * 2^max(s, 0) < 2^32, so that the 64-bit product cannot overflow.
-The graph uses the per-axis intrinsic for every layer: plain `tirx.q_multiply_shift` needs constant
-q and s and takes a 32-bit shortcut (no int64) when q == 2^30, which can overflow near int32 limits.
+Exact while |x| * 2^L and |b| * 2^L stay below 2^31, so that no int64 term overflows.
 """
 from __future__ import annotations
 
@@ -51,27 +52,30 @@ def fixed_point_multiplier(multiplier) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int32), exp.astype(np.int32)
 
 
-def multiply_shift(acc: np.ndarray, q: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """int32 round(acc * q * 2^(shift - 31)), ties up, exactly as tirx.q_multiply_shift_per_axis."""
+def rounding_term(q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
+    """int64 c = 2^(R - 1) + floor(bias * q * 2^L + 1/2): half the divisor plus the bias, on the product's grid."""
+    shift = np.asarray(shift, dtype=np.int64)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0) + Q
+    bias = np.asarray(bias, dtype=np.float64)
+    if not np.all(np.abs(bias * np.ldexp(1.0, left)) < 2.0 ** 31):
+        raise HyqError(f"a bias of {np.abs(bias).max():g} accumulator steps does not fit the requantization")
+    scaled = np.floor(bias * np.asarray(q, dtype=np.float64) * np.ldexp(1.0, left) + 0.5).astype(np.int64)
+    return (np.int64(1) << (right - 1)) + scaled
+
+
+def multiply_shift(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
+    """int64 round((acc + bias) * q * 2^(shift - 31)), ties up, as the requantization computes it."""
     shift = np.asarray(shift, dtype=np.int64)
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0) + Q
     x = (np.asarray(acc, dtype=np.int64) << left) * np.asarray(q, dtype=np.int64)
-    return ((x + (np.int64(1) << (right - 1))) >> right).astype(np.int32)
+    return (x + rounding_term(q, shift, bias)) >> right
 
 
 def requantize(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, zero_point, qmin: int, qmax: int,
-               out_dtype: str = "int8") -> np.ndarray:
-    """clip(multiply_shift(acc, q, shift) + z, qmin, qmax) as `out_dtype` (the sum taken in int64).
+               out_dtype: str = "int8", bias=0.0) -> np.ndarray:
+    """clip(multiply_shift(acc, q, shift, bias) + z, qmin, qmax) as `out_dtype`.
 
-    q, shift and zero_point broadcast against acc (per-channel values shaped along the channel axis).
+    q, shift, zero_point and bias broadcast against acc (per-channel values shaped along the channel axis).
     """
-    r = multiply_shift(acc, q, shift).astype(np.int64)
+    r = multiply_shift(acc, q, shift, bias)
     return np.clip(r + np.asarray(zero_point, dtype=np.int64), qmin, qmax).astype(out_dtype)
-
-
-def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int32 round-half-to-even(bias / scale): a float bias on the accumulator's grid (scale s_a * s_w)."""
-    b = np.rint(np.asarray(bias, dtype=np.float64) / np.asarray(scale, dtype=np.float64))
-    if np.any(np.abs(b) > np.iinfo(np.int32).max):
-        raise HyqError(f"a bias of {np.abs(bias).max():g} does not fit int32 at accumulator scale {np.min(scale):g}")
-    return b.astype(np.int32)

@@ -81,12 +81,10 @@ def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.nda
     else:
         b = values[layer.inputs[1]]
         acc = ref.qmatmul(a, z_a, b if layer.attrs["b_axes"] is None else b.transpose(layer.attrs["b_axes"]), z_b)
-    if layer.bias is not None:
-        acc = ref.add_bias(acc, layer.bias, layer.axis)
     if layer.out_scale is None:
         return ref.dequantize_acc(acc, layer.acc_scale, layer.axis, layer.out_dtype)
     return ref.requantize_acc(acc, layer.acc_scale, layer.out_scale, layer.out_zero_point, layer.axis,
-                              layer.out_dtype)
+                              layer.out_dtype, 0.0 if layer.bias is None else layer.bias)
 
 
 def compare(layer: IntegerLayer, got: np.ndarray, want: np.ndarray) -> LayerCheck:

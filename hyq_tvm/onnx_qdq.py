@@ -1,0 +1,104 @@
+"""QDQ ONNX export of a QuantPlan (python -m hyq_tvm.compile --emit onnx).
+
+The plan's model is exported with torch.export under `quant.marks.marking`, and torch.onnx turns
+each `hyq::mark` into the plan's QuantizeLinear / DequantizeLinear (opset 21), with the numbers of
+`quant.qdq`, as the Relax annotation does:
+
+    conv2d / linear input:  DequantizeLinear(Clip(QuantizeLinear(x, s_a, z_a)), 1, z_a)
+    conv2d / linear weight: DequantizeLinear(w_q, s_w, z_w), w_q an int8 initializer
+    matmul operand, norm / softmax input: DequantizeLinear(Clip(QuantizeLinear(x, s, z)), s, z)
+
+Clip keeps b-bit values (carried in int8) in range when b < 8. onnxruntime runs the result: the same
+quantization as the integer graph, computed by another engine.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as passes
+import torch
+from onnxscript import opset21 as op
+
+from .errors import HyqError
+from .evaluate import quantized_model
+from .fileio import atomic_path
+from .quant.marks import export_marked
+from .quant.plan import QuantPlan
+from .quant.qdq import channel_axis, qparams, weight_values
+from .quant.quantizer import qrange
+
+OPSET = 21
+
+
+def _const(values: np.ndarray):
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(values)))
+
+
+def _translation(model: torch.nn.Module, plan: QuantPlan):
+    """The ONNX translation of hyq::mark for this plan and model."""
+
+    def mark(x, layer: str, role: str):
+        entry = plan.layers[layer]
+        if role == "weight":
+            t = entry["weight"]
+            w = model.get_submodule(layer).inner.weight.detach().numpy()
+            scale, zero = qparams(t)
+            return op.DequantizeLinear(_const(weight_values(w, entry)), _const(scale), _const(zero),
+                                       axis=channel_axis(t))
+        t = entry["inputs"][int(role[-1])]
+        scale, zero = qparams(t)
+        axis = channel_axis(t)
+        q = op.QuantizeLinear(x, _const(scale), _const(zero), axis=axis)
+        qmin, qmax = qrange(t["bits"])
+        if (qmin, qmax) != (-128, 127):
+            q = op.Clip(q, _const(np.int8(qmin)), _const(np.int8(qmax)))
+        unit_scale = entry["op"] in ("conv2d", "linear")  # s_a is folded into the weight
+        return op.DequantizeLinear(q, _const(np.ones_like(scale) if unit_scale else scale), _const(zero), axis=axis)
+
+    return mark
+
+
+def export_onnx(plan: QuantPlan, path: str | Path, weights: str | Path | None = None) -> Path:
+    """Write the plan's QDQ ONNX model to `path` (atomically); returns it."""
+    model = quantized_model(plan, weights)  # checks that plan, model and weights fit
+    program = export_marked(model, torch.zeros(plan.model["input_shape"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, opset_version=OPSET, verbose=False, optimize=False, input_names=["input"],
+            output_names=["logits"], custom_translation_table={torch.ops.hyq.mark.default: _translation(model, plan)})
+    if onnx_program is None:
+        raise HyqError("torch.onnx.export returned no model")
+    for cleanup in (passes.RemoveUnusedNodesPass(), passes.LiftConstantsToInitializersPass(),
+                    passes.RemoveUnusedOpsetsPass()):  # the float weights the int8 ones replace, and the like
+        cleanup(onnx_program.model)
+    with atomic_path(Path(path)) as tmp:
+        onnx_program.save(str(tmp), external_data=False)
+    return Path(path)
+
+
+def qdq_census(path: str | Path) -> dict[str, Any]:
+    """Node counts by op type of an ONNX model."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """An onnxruntime CPU session with every graph optimization but MatMulAddFusion, which in
+    onnxruntime 1.32 rewrites our 3-D QDQ MatMul + Add into a Gemm whose new QuantizeLinear is invalid."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["MatMulAddFusion"])
