@@ -82,3 +82,26 @@ def test_unknown_emit_is_one_line(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'tflite'" in r.stderr
     with pytest.raises(HyqError, match="cannot emit nothing"):
         compile_plan(None, "host", tmp_path / "b", emit=())
+
+
+@pytest.mark.slow
+def test_compare_times_every_engine_against_the_tvm_graph(plan_w4, tmp_path):
+    from hyq_tvm import compare
+
+    art = compile_plan(plan_w4, "host", tmp_path / "art", emit=("tvm", "onnx"))
+    compare.main(["--artifact", str(art), "--repeat", "3", "--reports", str(tmp_path / "reports")])
+    row = json.loads((tmp_path / "reports" / "host_latency.json").read_text())
+    engines = {e["engine"]: e for e in row["engines"]}
+    assert set(engines) == {"tvm_int8", "onnxruntime_qdq", "onnxruntime_fp32", "pytorch_fp32", "pytorch_fakequant"}
+    assert engines["tvm_int8"]["ratio_to_tvm"] == 1.0
+    assert all(e["latency_ms_median"] > 0 for e in engines.values())
+    base = engines["tvm_int8"]["latency_ms_median"]
+    assert all(abs(e["ratio_to_tvm"] - e["latency_ms_median"] / base) < 0.01 for e in engines.values())
+    assert "| onnxruntime_qdq |" in (tmp_path / "reports" / "host_latency.md").read_text()
+
+
+def test_compare_refuses_a_folder_that_is_not_an_artifact(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hyq_tvm.compare", "--artifact", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "not an artifact folder" in r.stderr
