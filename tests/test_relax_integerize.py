@@ -302,19 +302,27 @@ def test_unsupported_quantization_names_the_op():
 
 
 def test_two_consumers_with_equal_quantizers_share_one_requantization():
-    """A conv2d requantized alike for two consumers (equal plan quantizers): one integer layer is kept."""
+    """A conv2d requantized alike for two consumers (equal plan quantizers): the rewrite keeps one integer
+    layer, and both consumers read its result; every layer stays bit-exact."""
+    from hyq_tvm.relax.verify import verify
+
     x, w_q = int8((1, 4, 5, 5)), int8((6, 4, 1, 1))
+    w1, w2 = int8((3, 6, 1, 1)), int8((3, 6, 1, 1))
     s_a, z_a, s_w, s_o, z_o = np.float32(0.02), np.int8(3), scales(6), np.float32(0.3), np.int8(-1)
 
     def body(bb, xv):
         wd = bb.emit(dq(const(w_q, "int8"), s_w, np.zeros(6, np.int8), axis=0))
         y = bb.emit(relax.op.nn.conv2d(bb.emit(dq(xv, s_a, z_a, axis=1)), wd))
-        q1 = bb.emit(relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1))
-        q2 = bb.emit(relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1))
-        return relax.op.add(q1, q2)
+        outs = []
+        for w in (w1, w2):
+            q = bb.emit(relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1))
+            wd2 = bb.emit(dq(const(w, "int8"), scales(3), np.zeros(3, np.int8), axis=0))
+            outs.append(bb.emit(relax.op.nn.conv2d(bb.emit(dq(q, s_o, z_o, axis=1)), wd2)))
+        return relax.op.add(*outs)
 
     mod = module({"x": ((1, 4, 5, 5), "int8")}, body)
     out, layers = integerize_layers(mod)
-    assert len(layers) == 1 and layers[0].out_scale is not None
-    expected = ref.requantize_acc(ref.qconv2d(x, z_a, w_q), np.float64(s_a) * s_w.astype(np.float64), s_o, z_o, 1)
-    np.testing.assert_array_equal(run(out, x), (expected.astype(np.int32) * 2).astype(np.int8))
+    assert [layer.out_scale is not None for layer in layers] == [True, False, False]
+    assert layers[1].inputs == layers[2].inputs == (layers[0].result,)
+    checks = verify(out, layers, x, TARGET)
+    assert len(checks) == 3 and all(c.exact for c in checks)

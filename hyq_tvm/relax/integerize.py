@@ -466,13 +466,15 @@ def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLaye
         return out, []
     bound = [b.var for block in out["main"].body.blocks for b in block.bindings]
     order = {var: i for i, var in enumerate(bound)}
-    kept = {_computation(layer) for layer in integerizer.layers.values() if layer.result in order}
-    missing = [layer.name for layer in integerizer.layers.values()
-               if layer.result not in order and _computation(layer) not in kept]  # else merged with its twin
+    kept = {_computation(layer): layer.result for layer in integerizer.layers.values() if layer.result in order}
+    twin = {layer.result: kept.get(_computation(layer)) for layer in integerizer.layers.values()
+            if layer.result not in order}  # merged with the record of an equal computation
+    missing = [layer.name for layer in integerizer.layers.values() if twin.get(layer.result, layer.result) is None]
     if missing:
         raise HyqError(f"integer layer(s) lost their result var in @main: {', '.join(missing)}")
-    return out, sorted((layer for layer in integerizer.layers.values() if layer.result in order),
-                       key=lambda layer: order[layer.result])
+    layers = [replace(layer, inputs=tuple(twin.get(v, v) for v in layer.inputs))
+              for layer in integerizer.layers.values() if layer.result in order]
+    return out, sorted(layers, key=lambda layer: order[layer.result])
 
 
 def integerize(mod: tvm.IRModule) -> tvm.IRModule:
