@@ -446,19 +446,13 @@ def check_integer(mod: tvm.IRModule) -> None:
                                    f" {dtypes}: its inputs are not dequantized int8 tensors with constant scales")
 
 
-def _computation(layer: IntegerLayer) -> tuple:
-    """What a layer record computes: two records of one op requantized alike (two consumers with equal
-    quantizers) compute the same tensor, and the rewrite keeps one of them."""
-    arrays = (layer.out_scale, layer.out_zero_point, layer.bias)
-    return (layer.inputs, layer.op, layer.out_dtype, *(None if a is None else np.asarray(a).tobytes() for a in arrays))
-
-
 def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLayer]]:
     """integerize(mod) and the IntegerLayer of every rewritten op of `main`, in binding order.
 
-    Trivial bindings are merged first, as the rewrite would merge them afterwards (losing result vars).
+    Trivial bindings and equal computations (two consumers quantizing one tensor alike) are merged first,
+    as the rewrite would merge them afterwards (losing result vars).
     """
-    mod = relax.transform.CanonicalizeBindings()(mod)
+    mod = relax.transform.EliminateCommonSubexpr()(relax.transform.CanonicalizeBindings()(mod))
     integerizer = _Integerizer(mod)
     out = integerizer.run(mod)
     check_integer(out)
@@ -466,15 +460,10 @@ def integerize_layers(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[IntegerLaye
         return out, []
     bound = [b.var for block in out["main"].body.blocks for b in block.bindings]
     order = {var: i for i, var in enumerate(bound)}
-    kept = {_computation(layer): layer.result for layer in integerizer.layers.values() if layer.result in order}
-    twin = {layer.result: kept.get(_computation(layer)) for layer in integerizer.layers.values()
-            if layer.result not in order}  # merged with the record of an equal computation
-    missing = [layer.name for layer in integerizer.layers.values() if twin.get(layer.result, layer.result) is None]
+    missing = [layer.name for layer in integerizer.layers.values() if layer.result not in order]
     if missing:
         raise HyqError(f"integer layer(s) lost their result var in @main: {', '.join(missing)}")
-    layers = [replace(layer, inputs=tuple(twin.get(v, v) for v in layer.inputs))
-              for layer in integerizer.layers.values() if layer.result in order]
-    return out, sorted(layers, key=lambda layer: order[layer.result])
+    return out, sorted(integerizer.layers.values(), key=lambda layer: order[layer.result])
 
 
 def integerize(mod: tvm.IRModule) -> tvm.IRModule:
