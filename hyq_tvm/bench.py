@@ -8,7 +8,8 @@ uploads model.so, measures latency with time_evaluator, then runs the first --li
 images on the device and compares every output bit for bit with the host twin of the same integer graph
 (host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
 Writes reports/device_<key>.json and .md (one row per model). Boards started by hyq_tvm.device are
-labelled emulated: their wall-clock times say nothing about real hardware.
+labelled emulated: their wall-clock times say nothing about real hardware; on a board started with --icount
+the row also gets the executed instructions of one inference (QEMU plugin, to about 1e-5).
 
 The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
 reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
@@ -16,15 +17,17 @@ reconnect after the RPC server died, continues with the next unfinished image an
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -280,38 +283,55 @@ def measure_latency(remote: Remote, x: np.ndarray, repeat: int, number: int = 1)
             "latency_ms_p90": round(float(np.percentile(results, 90)), 3), "runs": int(number * repeat)}
 
 
+def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
+    """Instructions of one session process on an --icount board: load model.so, run main 1 + `number` times
+    in one time_evaluator call, end the session and read the count its process wrote when it exited."""
+    from tvm import relax, runtime
+
+    from .devices.icount import server_counts
+
+    sess, addr = request_session(*remote.tracker, remote.key, remote.timeout)
+    info = device_info(remote.key, remote.tracker, remote.state_file)
+    identify_server(info, addr)
+    board = next((b for b in info.entries if b["name"] == info.board and b.get("icount")), None)
+    if board is None:
+        raise HyqError(f"the session ran on {info.board}, not on a board started with --icount")
+    before = set(server_counts(board))  # one session at a time: earlier ones have written their counts
+    # copied into the session's folder through the rootfs, not uploaded: the upload's socket reads vary
+    name = "model.so"
+    workpath = sess.get_function("tvm.rpc.server.workpath")(name)
+    shutil.copyfile(remote.art.library, Path(board["rootfs"]) / workpath.lstrip("/"))
+    dev = sess.cpu()
+    vm = relax.VirtualMachine(sess.load_module(name), dev)
+    vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=0)(runtime.tensor(x, dev))
+    del vm, dev, sess  # ends the session: its process exits and writes its count
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = [c for p, c in server_counts(board).items() if p not in before]
+        if new:
+            return new[0]
+        time.sleep(0.2)
+    raise HyqError(f"no instruction count from {board['name']} within 120 s after its session ended")
+
+
 def count_instructions(remote: Remote, x: np.ndarray, n: int, log) -> tuple[int | None, str]:
-    """Per-inference instructions on an --icount board: the counts of two sessions, one with n inferences
-    and one with none, differ by n inferences (each session process writes its count when it ends)."""
+    """Per-inference instructions on an --icount board: the counts of two sessions that differ only in n more
+    runs of main inside the device's time_evaluator loop (no RPC traffic per run)."""
     info = remote.info
     if not info.emulated:
         return None, "not an emulated board: no instruction counts"
     if not info.icount:
         return None, "board not started with --icount (python -m hyq_tvm.device start BOARD --icount)"
-    from .devices.icount import server_counts
-
-    def session_count(k: int) -> int:
-        before = {(b["name"], p) for b in info.entries for p in server_counts(b)}
-        r = Remote(remote.tracker, remote.key, remote.art, remote.timeout,
-                   DeviceInfo(info.key, info.arch, entries=info.entries), log, remote.state_file).connect()
-        for _ in range(k):
-            r.run(x)
-        r.close()
-        del r
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            new = [c for b in info.entries for p, c in server_counts(b).items() if (b["name"], p) not in before]
-            if new:
-                return new[0]
-            time.sleep(0.5)
-        raise HyqError("no instruction count appeared after the session ended")
-
     remote.close()
     try:
-        c0, cn = session_count(0), session_count(n)
+        # not counted: a fresh server's first sessions run up to 30k more instructions (lazy set-up in its worker)
+        request_session(*remote.tracker, remote.key, remote.timeout)
+        c1, cn = session_instructions(remote, x, 1), session_instructions(remote, x, 1 + n)
     except HyqError as err:
         return None, f"instruction count failed: {err}"
-    return round((cn - c0) / n), f"(session with {n} inferences - session with none) / {n}, qemu TCG plugin"
+    log(f"instructions: {c1} (session running main twice), {cn} ({n} more times)")
+    return round((cn - c1) / n), (f"(session running main {n + 2} times - session running it twice) / {n}, "
+                                  f"qemu TCG plugin; a session's count varies by a few thousand instructions")
 
 
 # --- reports -------------------------------------------------------------------------------------------
@@ -320,7 +340,15 @@ COLUMNS = ("model", "key", "emulated", "latency_ms_median", "latency_ms_p90", "r
 
 
 def write_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
-    """Add (or replace) the model's row in reports/device_<key>.json and rewrite the Markdown twin."""
+    """Add (or replace) the model's row in reports/device_<key>.json and rewrite the Markdown twin; benchmarks
+    running at once take turns (a lock file beside the report)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f".device_{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_reports(out_dir, key, row)
+
+
+def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     path = out_dir / f"device_{key}.json"
     rows = []
     if path.is_file():
@@ -336,7 +364,7 @@ def write_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     if any(r.get("emulated") for r in rows):
         lines += ["**EMULATED** rows ran under qemu-user on an x86-64 host, not on the real board: their "
                   "wall-clock latencies say nothing about real hardware. Instruction counts (where given) are "
-                  "exact for the emulated CPU.", ""]
+                  "counted on the emulated CPU, repeatable to about 1e-5.", ""]
     lines += ["Generated by `python -m hyq_tvm.bench`. bitexact: every device output equals the host twin of the "
               "same integer graph bit for bit; top1: accuracy of the device's outputs.", "",
               "| model | W/A | key | device | latency median ms | p90 ms | runs | bitexact | top1 % | images | instructions |",
@@ -359,7 +387,7 @@ def write_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
 # --- main ------------------------------------------------------------------------------------------------
 def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIMIT, timeout: float = DEFAULT_TIMEOUT,
           repeat: int = 10, data: str | None = None, reports: str | Path = "reports", state_file: Path | None = None,
-          icount_images: int = 2, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+          icount_images: int = 8, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Benchmark `artifact` on a device for `key`; returns the report row."""
     t_start = time.perf_counter()
     thost, tport = parse_addr(tracker)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,82 @@ def rasp4b_artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def rasp4b_w6a6_artifact(tmp_path_factory):
+    """The same proxy with a MinMax W6A6 plan from 8 images, compiled for rasp4b: another model.so."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (scripts/setup.sh)")
+    import torch
+
+    from hyq_tvm.calibrate import calibrate
+    from hyq_tvm.compile import compile_plan
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    plan = calibrate("mobilevit_xxs", method="minmax", wbits=6, abits=6, images=8, progress=False)[0]
+    return compile_plan(plan, "rasp4b", tmp_path_factory.mktemp("artifact") / "mobilevit_xxs-w6a6-rasp4b")
+
+
+@pytest.fixture(scope="module")
+def rasp4b_fleet(tmp_path_factory):
+    """A second private fleet (own state file and tracker) for the tests that need two boards; stopped at the end."""
+    _need_emulation()
+    state_file = tmp_path_factory.mktemp("fleet2") / "devices.json"
+    try:
+        yield state_file
+    finally:
+        fleet.stop(state_file=state_file)
+        assert fleet.load_state(state_file)["boards"] == []
+
+
+@pytest.fixture
+def rasp4b_pair(rasp4b_fleet):
+    """Two live emulated rasp4b under key rasp4b in rasp4b_fleet, starting what is missing (a test may kill one)."""
+    alive = [b for b in fleet.load_state(rasp4b_fleet)["boards"] if fleet.alive(b["pgid"])]
+    if len(alive) < 2:
+        fleet.start("rasp4b", count=2 - len(alive), state_file=rasp4b_fleet)
+    state = fleet.load_state(rasp4b_fleet)
+    state["boards"] = [b for b in state["boards"] if fleet.alive(b["pgid"])]
+    assert len(state["boards"]) == 2
+    return state, rasp4b_fleet
+
+
+def bench_popen(state_file: Path, artifact: Path, reports: Path, *args) -> tuple[subprocess.Popen, Path]:
+    """python -m hyq_tvm.bench in the background against the fleet of state_file; (process, its stderr log)."""
+    t = fleet.load_state(state_file)["tracker"]
+    reports.mkdir(parents=True)
+    log = reports / "bench.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "hyq_tvm.bench", "--tracker", f"{t['host']}:{t['port']}",
+                                 "--key", "rasp4b", "--artifact", str(artifact), "--reports", str(reports),
+                                 "--devices-state", str(state_file), *map(str, args)], stdout=subprocess.DEVNULL,
+                                stderr=f, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return proc, log
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> dict:
+    """Wait for a bench_popen process; its report row."""
+    try:
+        rc = proc.wait(timeout)
+    finally:
+        proc.kill()
+    assert rc == 0, log.read_text()
+    (row,) = json.loads((log.parent / "device_rasp4b.json").read_text())["rows"]
+    return row
+
+
+def finished_images(reports: Path, n: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> list[int]:
+    """The image indices in a running bench's work file, once it holds at least n."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for work in (reports / ".work").glob("*.jsonl"):
+            done = [json.loads(line)["i"] for line in work.read_text().splitlines()[1:]]
+            if len(done) >= n:
+                return done
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
 def emulated_rasp4b(tmp_path_factory):
     """A private fleet (own state file): one emulated rasp4b behind its own tracker; stopped at the end."""
     _need_emulation()
@@ -162,3 +241,75 @@ def test_bench_end_to_end_on_emulated_rasp4b(rasp4b_artifact, emulated_rasp4b, t
     md = (tmp_path / "device_rasp4b.md").read_text()
     assert "EMULATED" in md and "| mobilevit_xxs |" in md
     assert not list((tmp_path / ".work").glob("*.jsonl"))  # the work file goes once the report is written
+
+
+@pytest.mark.slow
+def test_two_boards_serve_two_benchmarks_at_once(rasp4b_artifact, rasp4b_w6a6_artifact, rasp4b_pair, tmp_path):
+    """Two benchmarks of different artifacts at once under one key: the tracker gives each its own board."""
+    state, state_file = rasp4b_pair
+    runs = [bench_popen(state_file, art, tmp_path / name, "--limit", 12, "--repeat", 2, "--timeout", 120)
+            for name, art in (("w8a8", rasp4b_artifact), ("w6a6", rasp4b_w6a6_artifact))]
+    rows = [finish(*run) for run in runs]
+    for row, bits in zip(rows, (8, 6)):
+        assert row["calibration"]["wbits"] == row["calibration"]["abits"] == bits
+        assert row["bitexact"] is True and row["bitexact_images"] == row["images"] == 12 and row["max_abs_diff"] == 0
+        assert row["top1"] == row["top1_host"] and row["sessions"] == 1 and row["emulated"] is True
+    assert rows[0]["library_sha256"] != rows[1]["library_sha256"]
+    assert {r["board"] for r in rows} == {b["name"] for b in state["boards"]}
+
+
+@pytest.mark.slow
+def test_bench_resumes_after_the_rpc_server_is_killed(rasp4b_artifact, rasp4b_pair, tmp_path):
+    """The board serving the benchmark is killed (its whole process group) once 3 images are done: the bench
+    reconnects through the tracker to the other board and continues with the next image, none counted twice."""
+    state, state_file = rasp4b_pair
+    sessions = Path(state["boards"][0]["rootfs"]) / "tmp"
+    before = set(sessions.glob("tmp*/hyq-*.so"))
+    proc, log = bench_popen(state_file, rasp4b_artifact, tmp_path / "r", "--limit", 12, "--repeat", 1)
+    try:
+        done = finished_images(tmp_path / "r", 3, proc, log)
+        (served,) = re.findall(r"session 1 on (\S+):", log.read_text())
+        board = next(b for b in state["boards"] if b["name"] == served)
+        os.killpg(board["pgid"], signal.SIGKILL)  # a crash: qemu, the RPC server and its session process
+        fleet.kill_group(board["pgid"])  # reaps the group's leader, our child
+        assert not fleet.alive(board["pgid"])
+    except BaseException:
+        proc.kill()
+        raise
+    row = finish(proc, log)
+    for lib in set(sessions.glob(f"tmp*/hyq-{row['library_sha256'][:12]}.so")) - before:
+        shutil.rmtree(lib.parent)  # the killed session's folder, left in the shared rootfs
+    assert done[:3] == [0, 1, 2]
+    text = log.read_text()
+    (lost,) = re.findall(r"image (\d+): RPC session lost .*; reconnecting", text)
+    assert int(lost) >= len(done), text
+    (other,) = {b["name"] for b in state["boards"]} - {served}
+    assert f"session 2 on {other}:" in text and row["sessions"] == 2 and row["board"] == other
+    assert row["images"] == row["bitexact_images"] == 12 and row["bitexact"] is True and row["max_abs_diff"] == 0
+    assert row["top1"] == row["top1_host"]
+    assert not list((tmp_path / "r" / ".work").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_bench_instruction_counts_on_icount_board(rasp4b_artifact, tmp_path):
+    """On a board started with --icount the row carries the instructions of one inference: the difference of
+    two session counts (qemu plugin) over 8 runs of main. Two benchmarks agree to 2e-5, not exactly: a session's
+    count varies by a few thousand instructions (RPC socket reads, the session's Python start and exit)."""
+    _need_emulation()
+    state_file = tmp_path / "devices.json"
+    try:
+        state = fleet.start("rasp4b", count=1, state_file=state_file, icount=True)
+        rows = [finish(*bench_popen(state_file, rasp4b_artifact, tmp_path / f"r{i}", "--limit", 2, "--repeat", 1))
+                for i in range(2)]
+    finally:
+        fleet.stop(state_file=state_file)
+    for row in rows:
+        assert row["board"] == state["boards"][0]["name"] and row["bitexact"] is True
+        assert isinstance(row["instructions"], int) and 10_000_000 < row["instructions"] < 1_000_000_000
+        assert "qemu TCG plugin" in row["instructions_note"]
+    a, b = (r["instructions"] for r in rows)
+    assert abs(a - b) <= 2e-5 * a, (a, b)
+    ((c1, cn),) = re.findall(r"instructions: (\d+) \(session running main twice\), (\d+) \(8 more times\)",
+                             (tmp_path / "r0" / "bench.log").read_text())
+    assert abs(int(cn) - int(c1) - 8 * a) <= 4 and int(c1) > 2 * a  # c1 also counts the session's set-up
+    assert f"| {a} |" in (tmp_path / "r0" / "device_rasp4b.md").read_text()

@@ -64,3 +64,12 @@ def test_zero_point_overflow_channelwise_asymmetric():
 
     symmetric = minmax_params(QuantSpec(8, True, axis=1), x)
     assert (symmetric.fake_quantize(x) - x).abs()[:, 1].max() <= float(symmetric.scale[1]) / 2 + 1e-6
+
+
+def test_constant_tensor_keeps_its_value():
+    """A tensor with one value (softmax over a single token: all ones) gets a usable grid, not a zero scale."""
+    x = torch.ones(4, 1)
+    p = minmax_params(QuantSpec(8, False), x)
+    assert float(p.scale) == pytest.approx(1 / 255)
+    assert torch.allclose(p.fake_quantize(x), x)
+    assert p.overflow == 1  # its zero point lies below the grid, as for any all-positive range

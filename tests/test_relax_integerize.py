@@ -12,7 +12,8 @@ from tvm import relax
 from hyq_tvm.errors import HyqError
 from hyq_tvm.relax import integerize
 from hyq_tvm.relax import reference as ref
-from hyq_tvm.relax.integerize import integerize_layers, requantize_primfunc
+from hyq_tvm.relax.integerize import integerize_layers
+from hyq_tvm.relax.kernels import requantize_primfunc
 from hyq_tvm.relax.requant import fixed_point_multiplier, requantize, rounding_term
 
 RNG = np.random.default_rng(0)
@@ -326,3 +327,44 @@ def test_two_consumers_with_equal_quantizers_share_one_requantization():
     assert layers[1].inputs == layers[2].inputs == (layers[0].result,)
     checks = verify(out, layers, x, TARGET)
     assert len(checks) == 3 and all(c.exact for c in checks)
+
+
+# -- softmax (full mode) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_softmax_becomes_the_integer_kernel(bits):
+    """quantize(softmax(dequantize(x))) -> table exp, Q30 probabilities, requantized: bit-exact with numpy
+    and within one step of the float QDQ graph it replaces."""
+    from hyq_tvm.relax.kernels import PROB_BITS, softmax_table
+
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    x = RNG.integers(lo, hi + 1, (2, 3, 9), dtype=np.int8)
+    s_in, z_in = np.float32(0.9 if bits == 4 else 0.07), np.int8(2)
+    s_o, z_o = np.float32(1 / (hi - lo)), np.int8(lo)
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.nn.softmax(bb.emit(dq(xv, s_in, z_in)), axis=-1))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"))
+
+    mod = module({"x": (x.shape, "int8")}, body)
+    out, layers = integerize_layers(mod)
+    assert [layer.op for layer in layers] == ["softmax"]
+    assert not any("softmax" in str(op) for op in heavy_ops(out))
+    assert "R.nn.softmax" not in out["main"].script()
+    got = run(out, x)
+    probs = ref.softmax_probs(x, softmax_table(s_in))
+    expected = ref.requantize_acc(probs, 2.0 ** -PROB_BITS, s_o, z_o, 2)
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(run(mod, x).astype(np.int32) - got).max() <= 1
+    assert np.all(np.abs(probs.astype(np.int64).sum(-1) - 2 ** PROB_BITS) <= x.shape[-1])  # sums to one
+
+
+def test_softmax_over_another_axis_stays_float():
+    x = int8((2, 5, 4))
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.nn.softmax(bb.emit(dq(xv, np.float32(0.05), np.int8(0))), axis=1))
+        return relax.op.quantize(y, const(np.float32(1 / 255), "float32"), const(np.int8(-128), "int8"))
+
+    out, layers = integerize_layers(module({"x": (x.shape, "int8")}, body))
+    assert layers == [] and "R.nn.softmax" in out["main"].script()

@@ -151,3 +151,26 @@ def test_host_library_matches_the_fake_quant_model(plan, tmp_path):
         got = vm["main"](tvm.runtime.tensor(x[None].numpy())).numpy()
         assert got.argmax() == expected.argmax()
         assert np.abs(got - expected).max() < 0.1
+
+
+def test_batch_norm_that_follows_no_conv_imports_in_eval_mode():
+    """A BatchNorm after a residual add stays in the graph (EfficientFormerV2's last norm): running
+    statistics and its own eps, as PyTorch's eval mode computes it."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = nn.BatchNorm2d(4, eps=1e-3)
+
+        def forward(self, x):
+            return self.norm(self.conv(x) + x.mean(1, keepdim=True))
+
+    torch.manual_seed(0)
+    net = Net()
+    net.norm.running_mean.uniform_(-1, 1)
+    net.norm.running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(1, 3, 2, 2)  # few positions: batch statistics would differ clearly
+    vm = relax.VirtualMachine(tvm.compile(to_relax(net, x), target=load_target("host").tvm_target()), tvm.cpu())
+    with torch.no_grad():
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), net(x).numpy(), atol=1e-5)

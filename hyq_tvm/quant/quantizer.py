@@ -100,7 +100,8 @@ def params_from_range(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> Qu
         scale = torch.maximum(lo.abs(), hi.abs()) / qmax
         scale = torch.clamp(scale, min=tiny)
         return QuantParams(spec, scale.float(), torch.zeros_like(scale, dtype=torch.int64))
-    scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
+    width = torch.where(hi > lo, hi - lo, torch.maximum(lo.abs(), hi.abs()))  # a constant tensor: its value on the grid
+    scale = torch.clamp(width / (qmax - qmin), min=tiny)
     ideal = torch.round(qmin - lo / scale)
     zero = torch.clamp(ideal, qmin, qmax)
     overflow = int((ideal != zero).sum())

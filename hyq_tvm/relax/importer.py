@@ -45,11 +45,22 @@ def _convert_mark(node: torch.fx.Node, importer) -> relax.Var:
     return importer.block_builder.emit(call, name_hint=marked_var(layer, role))
 
 
+def _convert_batch_norm(node: torch.fx.Node, importer) -> relax.Var:
+    """aten.batch_norm(x, weight, bias, mean, var, training, momentum, eps, cudnn) in eval mode. (TVM 0.27's
+    own converter reads it with the arguments shifted: eps = momentum, and batch statistics.)"""
+    x, weight, bias, mean, var = (importer.env[a] for a in node.args[:5])
+    training, eps = node.args[5], float(node.args[7])
+    if training:
+        raise HyqError(f"batch_norm {node.name} runs in training mode; export the model in eval mode")
+    out = relax.op.nn.batch_norm(x, weight, bias, mean, var, axis=1, epsilon=eps, training=False)
+    return importer.block_builder.emit(relax.TupleGetItem(importer.block_builder.emit(out), 0))
+
+
 def to_relax(model: nn.Module, example: torch.Tensor) -> tvm.IRModule:
     """The marked float model as a Relax module `main(x) -> logits`, weights as constants, constants folded."""
     mod = relax.frontend.torch.from_exported_program(
         export_marked(model, example), keep_params_as_input=False, unwrap_unit_return_tuple=True,
-        custom_convert_map={"mark.default": _convert_mark}, run_ep_decomposition=False)
+        custom_convert_map={"mark.default": _convert_mark, "batch_norm.default": _convert_batch_norm}, run_ep_decomposition=False)
     return relax.transform.FoldConstant()(mod)
 
 

@@ -1,4 +1,4 @@
-"""Relax passes that turn QDQ-annotated conv2d / matmul into integer arithmetic.
+"""Relax passes that turn QDQ-annotated conv2d / matmul (and full mode's softmax) into integer arithmetic.
 
 The QuantPlan reaches the compiler as `relax.op.quantize` / `relax.op.dequantize` around every
 quantized op. `integerize` finds, with tvm.relax.dpl patterns,
@@ -15,6 +15,9 @@ where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B i
                             -> int8, the bias carried exactly in the 64-bit rounding term (requant.py)
     else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
 
+A softmax whose input and output are quantized (full mode), quantize(softmax(dequantize(x_q), last axis)),
+becomes the integer softmax of kernels.py: exp from a 256-entry Q30 table, Q30 probabilities, requantized.
+
 Scales and zero points must be constants. Anything that cannot be integerized raises a HyqError.
 `integerize_layers` also returns an `IntegerLayer` record per rewritten op, for the layer-by-layer
 bit-exact check of verify.py.
@@ -26,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
 from .importer import marked_layer
+from .kernels import PROB_BITS, requantize_primfunc, softmax_primfunc, softmax_table
 from .reference import INT32, along
 from .requant import fixed_point_multiplier, rounding_term
 
@@ -74,17 +78,18 @@ class _Core:
 
 @dataclass(frozen=True)
 class IntegerLayer:
-    """One integer conv2d / matmul of the graph: what reference.py needs to recompute its result.
+    """One integer conv2d / matmul / softmax of the graph: what reference.py needs to recompute its result.
 
     result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
-    when out_scale is set, else dequantize_acc(OP(...), acc_scale). `inputs` and `result` are Relax vars
-    of the integerized function. An op whose output is both requantized and used in float (a residual)
-    has one record per result.
+    when out_scale is set, else dequantize_acc(OP(...), acc_scale); for a softmax OP is softmax_probs with
+    attrs["table"]. `inputs` and `result` are Relax vars of the integerized function. An op whose output
+    is both requantized and used in float (a residual) has one record per result.
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
-    op: str                   # "conv2d" or "matmul"
-    attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes
+    op: str                   # "conv2d", "matmul" or "softmax"
+    attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes;
+                              # softmax: table
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
     zero_points: tuple[np.ndarray, ...]
@@ -108,6 +113,27 @@ def _patterns():
     bias = is_op("relax.add")(core, is_const())
     quant = is_op("relax.quantize")(bias | core, is_const(), is_const())
     return quant, core, dict(a=a, b=b, b_t=b_t, conv=conv, matmul=matmul, bias=bias)
+
+
+def _softmax_pattern():
+    """(root, named sub-patterns) of quantize(softmax(dequantize(x_q)))."""
+    dq = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    softmax = is_op("relax.nn.softmax")(dq)
+    return is_op("relax.quantize")(softmax, is_const(), is_const()), {"softmax": softmax, "input": dq}
+
+
+def _requant_params(acc_scale, s_o, z_o, bias) -> list[np.ndarray]:
+    """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32) of kernels.py, one per channel."""
+    q, shift = fixed_point_multiplier(np.asarray(acc_scale, np.float64) / s_o)
+    c = rounding_term(q, shift, 0.0 if bias is None else bias)
+    width = np.broadcast(q, shift, z_o, c).size
+    return [np.broadcast_to(v, (width,)).astype(dtype) for v, dtype in (
+        (q, np.int32), (np.maximum(shift, 0), np.int32), (np.maximum(-shift, 0) + 31, np.int32),
+        (c, np.int64), (z_o, np.int32))]
+
+
+def _consts(arrays) -> list[relax.Constant]:
+    return [relax.const(a, str(a.dtype)) for a in arrays]
 
 
 def _shape(expr: relax.Expr, where: str) -> tuple[int, ...]:
@@ -258,12 +284,13 @@ def _scalar(values: np.ndarray, what: str, where: str) -> np.ndarray:
 
 
 class _Integerizer:
-    """The rewriters and the requantization PrimFuncs they add to the module."""
+    """The rewriters and the kernels (PrimFuncs) they add to the module."""
 
     def __init__(self, mod: tvm.IRModule):
         self.builder = relax.BlockBuilder(mod)
-        self.requant_funcs: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.quant, self.core, self.named = _patterns()
+        self.softmax_root, self.softmax_pattern = _softmax_pattern()
         self.layers: dict[relax.Var, IntegerLayer] = {}
 
     def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
@@ -271,18 +298,24 @@ class _Integerizer:
         var = _bound_var(func, call)
         return f"{call.op.name} '{var.name if var is not None else '?'}' in @{func_name}"
 
-    def record(self, func_name: str, func: relax.Function, root: relax.Call, m: dict, core: _Core, **out) -> None:
-        """Keep the IntegerLayer of a match rewritten in @main (keyed by its result var)."""
+    def record(self, func_name: str, func: relax.Function, root: relax.Call, first_dq: relax.Call, op: str,
+               attrs: dict, inputs, weight, zero_points, **out) -> None:
+        """Keep the IntegerLayer of a match rewritten in @main (keyed by its result var), named by the plan
+        layer whose marked input `first_dq` is."""
         if func_name != "main":
             return
         result = _bound_var(func, root)
-        act = _bound_var(func, m[self.named["a"]])
+        act = _bound_var(func, first_dq)
         name = marked_layer(act.name) if act is not None else None
-        inputs = tuple(core.inputs)
+        inputs = tuple(inputs)
         if result is None or not all(isinstance(v, relax.Var) for v in inputs):
             raise HyqError(f"{self.where(func_name, func, root)}: its inputs or result are not bound to vars")
-        self.layers[result] = IntegerLayer(name or result.name, core.op, core.attrs, inputs, core.weight,
-                                           core.zero_points, result=result, **out)
+        self.layers[result] = IntegerLayer(name or result.name, op, attrs, inputs, weight, zero_points,
+                                           result=result, **out)
+
+    def core_record(self, func_name: str, func: relax.Function, root: relax.Call, m: dict, core: _Core, **out):
+        self.record(func_name, func, root, m[self.named["a"]], core.op, core.attrs, core.inputs, core.weight,
+                    core.zero_points, **out)
 
     def core_of(self, m: dict, where: str) -> _Core:
         """The integer conv2d / matmul of a match."""
@@ -295,14 +328,12 @@ class _Integerizer:
             b = _transposed(b, m[n["b_t"]])
         return _matmul_weight(a, b, where) if b.values is not None else _matmul_activations(a, b, where)
 
-    def requant_func(self, shape, axis: int, channels: int, left_shift: bool, out_dtype: str) -> tvm.ir.GlobalVar:
-        """The module's requantization PrimFunc for these parameters, added on first use."""
-        key = (shape, axis, channels, left_shift, out_dtype)
-        if key not in self.requant_funcs:
-            name = f"hyq_requantize{len(self.requant_funcs)}"
-            prim = requantize_primfunc(shape, axis, channels, left_shift, out_dtype).with_attr("global_symbol", name)
-            self.requant_funcs[key] = self.builder.add_func(prim, name)
-        return self.requant_funcs[key]
+    def kernel(self, key: tuple, make) -> tvm.ir.GlobalVar:
+        """The module's PrimFunc for `key`, made by `make()` and added on first use."""
+        if key not in self.kernels:
+            name = f"hyq_{key[0]}{sum(k[0] == key[0] for k in self.kernels)}"
+            self.kernels[key] = self.builder.add_func(make().with_attr("global_symbol", name), name)
+        return self.kernels[key]
 
     def accumulate(self, core: _Core, where: str) -> relax.Expr:
         """acc + offset in int32."""
@@ -329,17 +360,40 @@ class _Integerizer:
             out = _operand_like(root, where)
             s_o = _per_channel(out.scale, out, axis, channels, "the output scale", where)
             z_o = _per_channel(out.zero_point, out, axis, channels, "the output zero point", where)
-            q, shift = fixed_point_multiplier(core.scale / s_o)
-            c = rounding_term(q, shift, 0.0 if bias is None else bias)
-            width = np.broadcast(q, shift, z_o, c).size
-            params = [np.broadcast_to(v, (width,)).astype(dtype) for v, dtype in (
-                (q, np.int32), (np.maximum(shift, 0), np.int32), (np.maximum(-shift, 0) + 31, np.int32),
-                (c, np.int64), (z_o, np.int32))]
+            params = _requant_params(core.scale, s_o, z_o, bias)
             out_dtype = str(root.attrs.out_dtype)
-            gv = self.requant_func(shape, axis, width, bool(np.any(params[1])), out_dtype)
-            self.record(func_name, func, root, m, core, bias=bias, acc_scale=core.scale, axis=axis, out_scale=s_o,
+            key = ("requantize", shape, axis, params[0].size, bool(np.any(params[1])), out_dtype)
+            gv = self.kernel(key, lambda: requantize_primfunc(*key[1:]))
+            self.core_record(func_name, func, root, m, core, bias=bias, acc_scale=core.scale, axis=axis,
+                             out_scale=s_o, out_zero_point=z_o, out_dtype=out_dtype)
+            return relax.call_tir(gv, [acc, *_consts(params)], relax.TensorType(shape, out_dtype))
+        return rewrite
+
+    def softmax(self, func_name: str, func: relax.Function):
+        """Rewriter for quantize(softmax(dequantize(x_q), last axis)): the integer softmax of kernels.py.
+        A softmax over another axis or of a channel-wise quantized input stays a float island."""
+        def rewrite(root: relax.Call, m: dict) -> relax.Expr:
+            sm, dq = m[self.softmax_pattern["softmax"]], m[self.softmax_pattern["input"]]
+            where = self.where(func_name, func, sm)
+            shape = _shape(root, where)
+            last = len(shape) - 1
+            x = _operand(dq, where)
+            s_in = _uniform(x.scale)
+            if int(sm.attrs.axis) % len(shape) != last or s_in is None or shape[-1] < 1:
+                return root
+            out = _operand_like(root, where)
+            s_o = _per_channel(out.scale, out, last, shape[-1], "the output scale", where)
+            z_o = _per_channel(out.zero_point, out, last, shape[-1], "the output zero point", where)
+            acc_scale = np.float64(2.0 ** -PROB_BITS)
+            params = _requant_params(acc_scale, s_o, z_o, None)
+            out_dtype = str(root.attrs.out_dtype)
+            key = ("softmax", shape, params[0].size, bool(np.any(params[1])), out_dtype)
+            gv = self.kernel(key, lambda: softmax_primfunc(shape, *key[2:]))
+            table = softmax_table(float(s_in))
+            self.record(func_name, func, root, dq, "softmax", {"table": table}, (x.data,), None,
+                        (_uniform(x.zero_point),), bias=None, acc_scale=acc_scale, axis=last, out_scale=s_o,
                         out_zero_point=z_o, out_dtype=out_dtype)
-            return relax.call_tir(gv, [acc, *(relax.const(p, str(p.dtype)) for p in params)], relax.TensorType(shape, out_dtype))
+            return relax.call_tir(gv, [x.data, *_consts([table, *params])], relax.TensorType(shape, out_dtype))
         return rewrite
 
     def dequantized(self, func_name: str, func: relax.Function):
@@ -351,8 +405,8 @@ class _Integerizer:
             ndim = len(_shape(op, where))
             acc = relax.op.astype(self.accumulate(core, where), dtype)
             scale = along(core.scale.astype(dtype), core.axis % ndim, ndim)
-            self.record(func_name, func, op, m, core, bias=None, acc_scale=core.scale, axis=core.axis % ndim,
-                        out_scale=None, out_zero_point=None, out_dtype=dtype)
+            self.core_record(func_name, func, op, m, core, bias=None, acc_scale=core.scale, axis=core.axis % ndim,
+                             out_scale=None, out_zero_point=None, out_dtype=dtype)
             return relax.op.multiply(acc, relax.const(scale, dtype))
         return rewrite
 
@@ -362,6 +416,7 @@ class _Integerizer:
                 name = gv.name_hint
                 func = _rewrite(self.quant, self.quantized(name, func), func)
                 func = _rewrite(self.core, self.dequantized(name, func), func)
+                func = _rewrite(self.softmax_root, self.softmax(name, func), func)
                 self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
         return self.builder.get()
 
@@ -386,29 +441,6 @@ def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
     if errors:
         raise errors[0]
     return out
-
-
-def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
-    """PrimFunc(acc, q, ls, rs, c, zp, out): out = clip((((int64(acc) << ls) * q + c) >> rs) + zp, qmin, qmax).
-
-    q, ls, rs, c (int64) and zp hold one value per channel along `axis` (one in all when channels is 1);
-    `left_shift` says whether any ls is non-zero. requant.requantize is its numpy twin.
-    """
-    info = np.iinfo(out_dtype)
-    acc = te.placeholder(shape, "int32", name="acc")
-    q, ls, rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
-    c = te.placeholder((channels,), "int64", name="c")
-
-    def body(*i):
-        ch = i[axis] if channels > 1 else 0
-        x = acc(*i).astype("int64")
-        if left_shift:
-            x = x << ls[ch].astype("int64")
-        r = (x * q[ch].astype("int64") + c[ch]) >> rs[ch].astype("int64")
-        shifted = r + zp[ch].astype("int64")
-        return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
-
-    return te.create_prim_func([acc, q, ls, rs, c, zp, te.compute(shape, body, name="requantize")])
 
 
 def _operand_like(quant: relax.Call, where: str) -> _Operand:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import HyqError
+from .kernels import PROB_BITS
 from .requant import fixed_point_multiplier, requantize
 
 INT32 = np.iinfo(np.int32)
@@ -78,3 +79,10 @@ def dequantize_acc(acc: np.ndarray, acc_scale, axis: int, dtype: str = "float32"
     """float(acc) * acc_scale, both in `dtype`: the single multiply that leaves the integer graph."""
     scale = along(np.asarray(acc_scale, np.float64).astype(dtype), axis, acc.ndim)
     return acc.astype(dtype) * scale
+
+
+def softmax_probs(x_q: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """int32 Q30 probabilities of an int8 tensor over its last axis: (e << 30) // sum(e), e = table[max - x]."""
+    x = np.asarray(x_q, np.int64)
+    e = np.asarray(table, np.int64)[x.max(axis=-1, keepdims=True) - x]
+    return ((e << PROB_BITS) // e.sum(axis=-1, keepdims=True)).astype(np.int32)
