@@ -34,7 +34,8 @@ import numpy as np
 from .devices.fleet import parse_addr, tracker_summary
 from .errors import HyqError, run_cli
 from .fileio import atomic_path, sha256_file, write_json
-from .targets import elf_arch, host_arch, target_for_key
+from .build import Artifact, load_artifact
+from .targets import target_for_key
 
 DEFAULT_LIMIT = 200
 DEFAULT_TIMEOUT = 60.0
@@ -118,44 +119,6 @@ def identify_server(info: DeviceInfo, addr: tuple[str, int]) -> None:
             info.emulated, info.board, info.qemu_cpu, info.icount = True, b["name"], b.get("qemu_cpu"), bool(b.get("icount"))
             return
     info.emulated, info.board = False, f"{addr[0]}:{addr[1]}"
-
-
-# --- the artifact ----------------------------------------------------------------------------------------
-@dataclass
-class Artifact:
-    path: Path
-    meta: dict
-    plan_model: dict
-    library: Path
-    host_library: Path | None
-    arch: str
-
-    @property
-    def model(self) -> str:
-        return self.meta.get("model") or self.plan_model["name"]
-
-
-def load_artifact(path: Path) -> Artifact:
-    meta_file = path / "metadata.json"
-    if not meta_file.is_file():
-        raise HyqError(f"{path} is not an artifact folder (no metadata.json; make one with python -m hyq_tvm.compile)")
-    meta = json.loads(meta_file.read_text())
-    files = meta.get("files", {})
-    library = path / files.get("library", "model.so")
-    plan = path / files.get("plan", "plan.json")
-    for f in (library, plan):
-        if not f.is_file():
-            raise HyqError(f"artifact {path} lacks {f.name}")
-    if meta.get("sha256", {}).get("library") not in (None, sha256_file(library)):
-        raise HyqError(f"{library} does not match the SHA-256 in {meta_file} (rebuild the artifact)")
-    host_lib = path / files["host_library"] if "host_library" in files else None
-    arch = elf_arch(library)
-    if host_lib is None and arch == host_arch():
-        host_lib = library  # a host artifact is its own twin
-    if host_lib is None or not host_lib.is_file():
-        raise HyqError(f"artifact {path} has no host twin of model.so to check the device against: "
-                       f"rebuild it with python -m hyq_tvm.compile (it saves host.so for cross targets)")
-    return Artifact(path, meta, json.loads(plan.read_text())["model"], library, host_lib, arch)
 
 
 # --- the resumable accuracy loop ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ def runners(artifact: Path, threads: int, scratch: Path, weights: str | None = N
     import tvm
     from tvm import relax
 
-    from .bench import load_artifact
+    from .build import load_artifact
     from .evaluate import quantized_model
     from .onnx_qdq import export_onnx, onnx_session
     from .quant.plan import QuantPlan

@@ -28,6 +28,7 @@ from .errors import run_cli
 from .evaluate import quantized_model
 from .fileio import atomic_path, sha256_file, write_json
 from .onnx_qdq import export_onnx, onnx_session
+from .quant.modules import MODES
 from .quant.plan import QuantPlan
 from .relax.annotate import annotate
 from .relax.importer import import_model
@@ -39,12 +40,16 @@ from .targets import load_target
 BITS = (8, 4)
 
 
-def cached_plan(model: str, sha: str, method: str, bits: int, work_dir: Path) -> QuantPlan:
-    """The WbitsAbits plan of `model` (weights `sha`), calibrated once and kept in work_dir/plans."""
-    path = work_dir / "plans" / f"{model}-{sha[:16]}-{method}-W{bits}A{bits}.json"
+def _suffix(mode: str) -> str:
+    return "" if mode == "partial" else f"-{mode}"
+
+
+def cached_plan(model: str, sha: str, method: str, bits: int, mode: str, work_dir: Path) -> QuantPlan:
+    """The WbitsAbits plan of `model` (weights `sha`) in `mode`, calibrated once and kept in work_dir/plans."""
+    path = work_dir / "plans" / f"{model}-{sha[:16]}-{method}-W{bits}A{bits}{_suffix(mode)}.json"
     if path.is_file():
         return QuantPlan.load(path)
-    plan, _ = calibrate(model, method=method, wbits=bits, abits=bits)
+    plan, _ = calibrate(model, method=method, wbits=bits, abits=bits, mode=mode)
     plan.save(path)
     return plan
 
@@ -91,9 +96,10 @@ def _percent(hits: np.ndarray) -> float:
     return round(100.0 * float(np.mean(hits)), 2)
 
 
-def report_row(model: str, sha: str, method: str, bits: int, limit: int, check: int, work_dir: Path) -> dict:
-    """Agreement, both top-1s and the bit-exact check of one model at WbitsAbits."""
-    plan = cached_plan(model, sha, method, bits, work_dir)
+def report_row(model: str, sha: str, method: str, bits: int, mode: str, limit: int, check: int,
+               work_dir: Path) -> dict:
+    """Agreement, the top-1s and the bit-exact check of one model at WbitsAbits in `mode`."""
+    plan = cached_plan(model, sha, method, bits, mode, work_dir)
     start = time.perf_counter()
     vm, layers = build(plan)
     with tempfile.TemporaryDirectory() as scratch:
@@ -104,7 +110,8 @@ def report_row(model: str, sha: str, method: str, bits: int, limit: int, check: 
     pred = predictions(vm, quantized_model(plan).eval(), session, test, f"{model} W{bits}A{bits}")
     check_images = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], check, check)))[0]
     exact = bitexact_check(vm, layers, check_images)
-    return {"model": model, "method": method, "wbits": bits, "abits": bits, **exact,
+    return {"model": model, "method": method, "mode": mode, "wbits": bits, "abits": bits, **exact,
+            "integer_softmax": sum(layer.op == "softmax" for layer in layers),
             "agreement": _percent(pred["integer"] == pred["fakequant"]),
             "top1_integer": _percent(pred["integer"] == pred["label"]),
             "top1_fakequant": _percent(pred["fakequant"] == pred["label"]),
@@ -120,12 +127,14 @@ def markdown(rows: list[dict], skipped: list[str]) -> str:
              " conv2d / matmul of the compiled graph equals the numpy reference (hyq_tvm.relax.reference)"
              " bit for bit on the checked images; agreement: same top-1 class as the PyTorch fake-quant model;"
              " onnxruntime: the plan's QDQ ONNX model (`compile --emit onnx`) in onnxruntime.",
-             "", "| model | method | W/A | bit-exact (layer results, images) | agreement % | top-1 integer"
+             " Mode partial: softmax / LayerNorm / GELU stay float islands; full: softmax and LayerNorm inputs are"
+             " quantized too, and every softmax runs as the integer kernel (hyq_tvm/relax/kernels.py).",
+             "", "| model | method | mode | W/A | bit-exact (layer results, images) | agreement % | top-1 integer"
              " | top-1 fake-quant | onnxruntime agreement % | top-1 onnxruntime | images |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = "yes" if r["bitexact"] else f"no (first: {r['first_mismatch']})"
-        lines.append(f"| {r['model']} | {r['method']} | W{r['wbits']}A{r['abits']} | {exact} ({r['layers_checked']},"
+        lines.append(f"| {r['model']} | {r['method']} | {r['mode']} | W{r['wbits']}A{r['abits']} | {exact} ({r['layers_checked']},"
                      f" {r['check_images']}) | {r['agreement']:.2f} | {r['top1_integer']:.2f} |"
                      f" {r['top1_fakequant']:.2f} | {r['agreement_onnxruntime']:.2f} | {r['top1_onnxruntime']:.2f} |"
                      f" {r['images']} |")
@@ -139,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p, "runs/integer")
     p.add_argument("--bits", nargs="+", type=int, default=list(BITS), help="W = A bit-widths (default: 8 4)")
     p.add_argument("--method", default="qhyvit", choices=METHODS, help="calibration of the plans")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                   help="quantization modes (default: partial full)")
     p.add_argument("--limit", type=int, default=2000, help="test images for top-1 and agreement")
     p.add_argument("--check", type=int, default=4, help="test images for the layer-by-layer bit-exact check")
     return p.parse_args(argv)
@@ -151,10 +162,11 @@ def main(argv=None) -> None:
     rows = []
     for model in tqdm([m for m in args.models if m not in skipped], desc="models", unit="model"):
         sha = sha256_file(zoo.proxy_checkpoint(model))
-        for bits in args.bits:
-            key = f"{model}/{sha[:16]}/{args.method}/W{bits}A{bits}/{args.limit}/{args.check}"
-            rows.append(cache.get(key, lambda: report_row(model, sha, args.method, bits, args.limit, args.check,
-                                                          args.work_dir)))
+        for mode in args.modes:
+            for bits in args.bits:
+                key = f"{model}/{sha[:16]}/{args.method}/W{bits}A{bits}/{args.limit}/{args.check}{_suffix(mode)}"
+                rows.append(cache.get(key, lambda: report_row(model, sha, args.method, bits, mode, args.limit,
+                                                              args.check, args.work_dir)))
     write_json(args.out / "integer_graph.json", rows)
     with atomic_path(args.out / "integer_graph.md") as tmp:
         tmp.write_text(markdown(rows, skipped))
