@@ -10,7 +10,8 @@ where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B i
 `permute_dims`, the form of a linear layer) or, for matmul, a dequantized activation. It emits
 
     acc = OP(x_q, w_q, out_dtype=int32)            int8 x int8 -> int32
-        + offset                                   int32: the zero-point terms
+        + offset                                   int32, one per output channel: the zero-point terms (a
+                                                   padded input is padded with its zero point)
     then, when quantized:   requantize(acc, multiplier s_a * s_w / s_o as Q31 + shift, bias / (s_a * s_w), z_o)
                             -> int8, the bias carried exactly in the 64-bit rounding term (requant.py)
     else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
@@ -196,25 +197,18 @@ def _weight(op: _Operand, axis: int, channels: int, where: str) -> tuple[np.ndar
     return op.values, _per_channel(op.scale, op, axis, channels, "the weight scale", where)
 
 
-def _conv_zero_correction(z_a: np.ndarray, w: np.ndarray, in_hw, attrs) -> np.ndarray:
-    """conv2d(Z, w) for the input Z that holds z_a[c] everywhere: the term z_a contributes.
-
-    Zero padding makes it vary near the borders; it is computed separably as
-    sum_kh,kw valid_h[oh, kh] * valid_w[ow, kw] * sum_c z_a[c] * w[o, c, kh, kw].
-    """
-    o, cg, kh, kw = w.shape
-    groups = int(attrs.groups)
-    z = np.broadcast_to(z_a, (groups * cg,)).reshape(groups, 1, cg, 1, 1).astype(np.int64)
-    per_tap = (w.astype(np.int64).reshape(groups, o // groups, cg, kh, kw) * z).sum(axis=2).reshape(o, kh, kw)
-    pad = [int(p) for p in attrs.padding]
-    valid = []
-    for size, k, s, d, lo, hi in zip(in_hw, (kh, kw), attrs.strides, attrs.dilation, pad[:2], pad[2:]):
-        s, d = int(s), int(d)
-        out = (size + lo + hi - d * (k - 1) - 1) // s + 1
-        pos = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :] * d
-        valid.append(((pos >= 0) & (pos < size)).astype(np.int64))
-    corr = np.einsum("hk,wl,okl->ohw", valid[0], valid[1], per_tap)[None]
-    return corr[:, :, :1, :1] if np.all(corr == corr[:, :, :1, :1]) else corr
+def _padded_with_zero_points(x: relax.Expr, z_a: np.ndarray, shape, padding) -> relax.Expr:
+    """x_q padded with its zero points (z_a per tensor or per channel), so that the centered input
+    x_q - z_a is zero-padded as in the float conv2d and the zero-point term is one sum per channel."""
+    top, left, bottom, right = padding
+    pad_width = [0, 0, 0, 0, top, bottom, left, right]
+    if z_a.ndim == 0:
+        return relax.op.nn.pad(x, pad_width, pad_value=float(z_a))
+    n, c, h, w = shape
+    inside = np.zeros((1, 1, h + top + bottom, w + left + right), bool)
+    inside[:, :, top:top + h, left:left + w] = True
+    z = relax.const(z_a.astype(np.int8).reshape(1, c, 1, 1), "int8")
+    return relax.op.where(relax.const(inside), relax.op.nn.pad(x, pad_width), z)
 
 
 def _conv2d(call: relax.Call, a: _Operand, w: _Operand, where: str) -> _Core:
@@ -234,9 +228,16 @@ def _conv2d(call: relax.Call, a: _Operand, w: _Operand, where: str) -> _Core:
                            " fold channel-wise input scales into the weight")
         s_a = np.repeat(per_group[:, 0], out_ch // groups)
     z_a = _per_channel(a.zero_point, a, 1, in_shape[1], "the input zero point", where)
-    acc = relax.op.nn.conv2d(a.data, relax.const(w_q), strides=attrs.strides, padding=attrs.padding,
+    padding = tuple(int(p) for p in attrs.padding)
+    x, offset = a.data, None
+    if np.any(z_a):
+        if any(padding):
+            x, padding = _padded_with_zero_points(x, z_a, in_shape, padding), (0, 0, 0, 0)
+        z = np.broadcast_to(z_a, (in_shape[1],)).reshape(groups, 1, -1, 1, 1).astype(np.int64)
+        w_sum = (w_q.astype(np.int64).reshape(groups, out_ch // groups, -1, *w_q.shape[2:]) * z).sum(axis=(2, 3, 4))
+        offset = -w_sum.reshape(1, out_ch, 1, 1)
+    acc = relax.op.nn.conv2d(x, relax.const(w_q), strides=attrs.strides, padding=padding,
                              dilation=attrs.dilation, groups=groups, out_dtype="int32")
-    offset = -_conv_zero_correction(z_a, w_q, in_shape[2:], attrs) if np.any(z_a) else None
     conv_attrs = {k: tuple(int(v) for v in getattr(attrs, k)) for k in ("strides", "padding", "dilation")}
     return _Core(acc, offset, s_a * s_w, 1, "conv2d", (a.data,), w_q, (z_a, np.int64(0)),
                  {**conv_attrs, "groups": groups})
