@@ -17,7 +17,8 @@ from . import zoo
 from .build import write_artifact
 from .calibrate import calibrate
 from .errors import HyqError, run_cli
-from .quant.plan import QuantPlan
+from .fileio import sha256_file
+from .quant.plan import QuantPlan, check_weights
 from .onnx_qdq import OPSET, export_onnx, qdq_census
 from .relax import integerize
 from .relax.annotate import annotate
@@ -126,6 +127,8 @@ def main(argv=None) -> None:
         plan = QuantPlan.load(args.plan)
         if args.model is not None and args.model != plan.model["name"]:
             raise HyqError(f"the plan is for {plan.model['name']}, not {args.model}")
+        weights = Path(args.weights) if args.weights else zoo.proxy_checkpoint(plan.model["name"])
+        check_weights(plan, sha256_file(weights) if weights.is_file() else None)  # before the progress bar
     else:
         name = args.model or zoo.DEFAULT_MODEL
         zoo.model_spec(name)

@@ -74,3 +74,6 @@ def test_calibrate_then_evaluate(tmp_path, random_checkpoint, proxy):
     # the same plan on other weights (the embedded proxy) is refused
     rc, _, err = run("evaluate", "--plan", plan, "--limit", 100)
     assert_one_line_error(rc, err, "calibrated for other weights")
+    rc, _, err = run("compile", "--plan", plan, "--target", "host", "-o", tmp_path / "artifact")
+    assert_one_line_error(rc, err, "calibrated for other weights")
+    assert not (tmp_path / "artifact").exists()

@@ -147,11 +147,16 @@ def layers_to_json(model: nn.Module, bridges: list) -> dict[str, dict[str, Any]]
     return out
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, weights_sha256: str | None) -> None:
-    """Load the plan's quantizers into a prepared model and enable them all."""
+def check_weights(plan: QuantPlan, weights_sha256: str | None) -> None:
+    """A HyqError unless the plan was calibrated for the weights with this SHA-256 (None: not checked)."""
     if weights_sha256 is not None and plan.model["weights_sha256"] != weights_sha256:
         raise HyqError(f"the plan was calibrated for other weights (sha256 {plan.model['weights_sha256'][:12]}...,"
                        f" these are {weights_sha256[:12]}...); calibrate again for these weights")
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan, weights_sha256: str | None) -> None:
+    """Load the plan's quantizers into a prepared model and enable them all."""
+    check_weights(plan, weights_sha256)
     layers = quant_layers(model)
     missing = sorted(set(layers) - set(plan.layers))
     extra = sorted(set(plan.layers) - set(layers))
