@@ -331,8 +331,8 @@ def test_two_consumers_with_equal_quantizers_share_one_requantization():
 
 # -- softmax (full mode) --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_softmax_becomes_the_integer_kernel(bits):
+@pytest.mark.parametrize("bits,out_axis", [(8, None), (4, None), (8, 1)])
+def test_quantized_softmax_becomes_the_integer_kernel(bits, out_axis):
     """quantize(softmax(dequantize(x))) -> table exp, Q30 probabilities, requantized: bit-exact with numpy
     and within one step of the float QDQ graph it replaces."""
     from hyq_tvm.relax.kernels import PROB_BITS, softmax_table
@@ -341,10 +341,13 @@ def test_quantized_softmax_becomes_the_integer_kernel(bits):
     x = RNG.integers(lo, hi + 1, (2, 3, 9), dtype=np.int8)
     s_in, z_in = np.float32(0.9 if bits == 4 else 0.07), np.int8(2)
     s_o, z_o = np.float32(1 / (hi - lo)), np.int8(lo)
+    if out_axis is not None:  # per channel along another axis (the heads of an attention)
+        s_o = (s_o * RNG.uniform(0.5, 1, x.shape[out_axis])).astype(np.float32)
+        z_o = RNG.integers(lo, lo + 8, x.shape[out_axis]).astype(np.int8)
 
     def body(bb, xv):
         y = bb.emit(relax.op.nn.softmax(bb.emit(dq(xv, s_in, z_in)), axis=-1))
-        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=-1 if out_axis is None else out_axis)
 
     mod = module({"x": (x.shape, "int8")}, body)
     out, layers = integerize_layers(mod)
@@ -353,7 +356,7 @@ def test_quantized_softmax_becomes_the_integer_kernel(bits):
     assert "R.nn.softmax" not in out["main"].script()
     got = run(out, x)
     probs = ref.softmax_probs(x, softmax_table(s_in))
-    expected = ref.requantize_acc(probs, 2.0 ** -PROB_BITS, s_o, z_o, 2)
+    expected = ref.requantize_acc(probs, 2.0 ** -PROB_BITS, s_o, z_o, 2 if out_axis is None else out_axis)
     np.testing.assert_array_equal(got, expected)
     assert np.abs(run(mod, x).astype(np.int32) - got).max() <= 1
     assert np.all(np.abs(probs.astype(np.int64).sum(-1) - 2 ** PROB_BITS) <= x.shape[-1])  # sums to one

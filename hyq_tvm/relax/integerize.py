@@ -383,16 +383,16 @@ class _Integerizer:
             if int(sm.attrs.axis) % len(shape) != last or s_in is None or shape[-1] < 1:
                 return root
             out = _operand_like(root, where)
-            s_o = _per_channel(out.scale, out, last, shape[-1], "the output scale", where)
-            z_o = _per_channel(out.zero_point, out, last, shape[-1], "the output zero point", where)
+            s_o = _per_channel(out.scale, out, out.axis, shape[out.axis], "the output scale", where)
+            z_o = _per_channel(out.zero_point, out, out.axis, shape[out.axis], "the output zero point", where)
             acc_scale = np.float64(2.0 ** -PROB_BITS)
             params = _requant_params(acc_scale, s_o, z_o, None)
             out_dtype = str(root.attrs.out_dtype)
-            key = ("softmax", shape, params[0].size, bool(np.any(params[1])), out_dtype)
+            key = ("softmax", shape, out.axis, params[0].size, bool(np.any(params[1])), out_dtype)
             gv = self.kernel(key, lambda: softmax_primfunc(shape, *key[2:]))
             table = softmax_table(float(s_in))
             self.record(func_name, func, root, dq, "softmax", {"table": table}, (x.data,), None,
-                        (_uniform(x.zero_point),), bias=None, acc_scale=acc_scale, axis=last, out_scale=s_o,
+                        (_uniform(x.zero_point),), bias=None, acc_scale=acc_scale, axis=out.axis, out_scale=s_o,
                         out_zero_point=z_o, out_dtype=out_dtype)
             return relax.call_tir(gv, [x.data, *_consts([table, *params])], relax.TensorType(shape, out_dtype))
         return rewrite

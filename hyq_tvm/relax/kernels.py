@@ -47,14 +47,14 @@ def softmax_table(scale: float) -> np.ndarray:
     return np.floor(np.exp(-float(scale) * d) * 2.0 ** PROB_BITS + 0.5).astype(np.int32)
 
 
-def softmax_primfunc(shape, channels: int, left_shift: bool, out_dtype: str = "int8"):
+def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
     """PrimFunc(x, table, q, ls, rs, c, zp, out): softmax over the last axis of an int8 x, requantized.
 
         e = table[max(x) - x]          exp on the input grid, Q30
         p = (e << 30) // sum(e)        the probability, Q30 (floor)
         out = requantize(p, q, ls, rs, c, zp)
 
-    The requantization parameters hold one value per position along the last axis (or one in all).
+    The requantization parameters hold one value per channel along `axis` (or one in all).
     reference.softmax_probs and requant.requantize are its numpy twin.
     """
     *outer, n = shape
@@ -69,6 +69,6 @@ def softmax_primfunc(shape, channels: int, left_shift: bool, out_dtype: str = "i
     p = te.compute(shape, lambda *i: tirx.floordiv(e(*i) << PROB_BITS, total(*i[:-1])), name="prob")
 
     def body(*i):
-        return _requantized(p(*i), q, ls, rs, c, zp, i[-1] if channels > 1 else 0, left_shift, out_dtype)
+        return _requantized(p(*i), q, ls, rs, c, zp, i[axis] if channels > 1 else 0, left_shift, out_dtype)
 
     return te.create_prim_func([x, table, q, ls, rs, c, zp, te.compute(shape, body, name="softmax")])
