@@ -110,9 +110,8 @@ def _need_emulation():
         pytest.skip("emulated boards need root (chroot, binfmt_misc)")
 
 
-@pytest.fixture(scope="module")
-def rasp4b_artifact(tmp_path_factory):
-    """mobilevit_xxs proxy, MinMax W8A8 plan from 8 images, compiled for rasp4b."""
+def _minmax_rasp4b_artifact(tmp_path_factory, bits: int) -> Path:
+    """mobilevit_xxs proxy, MinMax WbitsAbits plan from 8 images, compiled for rasp4b."""
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip("aarch64-linux-gnu-g++ is not installed (scripts/setup.sh)")
     import torch
@@ -122,24 +121,19 @@ def rasp4b_artifact(tmp_path_factory):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    plan = calibrate("mobilevit_xxs", method="minmax", images=8, progress=False)[0]
-    return compile_plan(plan, "rasp4b", tmp_path_factory.mktemp("artifact") / "mobilevit_xxs-rasp4b")
+    plan = calibrate("mobilevit_xxs", method="minmax", wbits=bits, abits=bits, images=8, progress=False)[0]
+    return compile_plan(plan, "rasp4b", tmp_path_factory.mktemp("artifact") / f"mobilevit_xxs-w{bits}a{bits}-rasp4b")
+
+
+@pytest.fixture(scope="module")
+def rasp4b_artifact(tmp_path_factory):
+    return _minmax_rasp4b_artifact(tmp_path_factory, 8)
 
 
 @pytest.fixture(scope="module")
 def rasp4b_w6a6_artifact(tmp_path_factory):
-    """The same proxy with a MinMax W6A6 plan from 8 images, compiled for rasp4b: another model.so."""
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed (scripts/setup.sh)")
-    import torch
-
-    from hyq_tvm.calibrate import calibrate
-    from hyq_tvm.compile import compile_plan
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    plan = calibrate("mobilevit_xxs", method="minmax", wbits=6, abits=6, images=8, progress=False)[0]
-    return compile_plan(plan, "rasp4b", tmp_path_factory.mktemp("artifact") / "mobilevit_xxs-w6a6-rasp4b")
+    """Another model.so for the same key: the W6A6 plan."""
+    return _minmax_rasp4b_artifact(tmp_path_factory, 6)
 
 
 @pytest.fixture(scope="module")
