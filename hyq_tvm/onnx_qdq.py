@@ -29,8 +29,7 @@ from .evaluate import quantized_model
 from .fileio import atomic_path
 from .quant.marks import export_marked
 from .quant.plan import QuantPlan
-from .quant.qdq import channel_axis, qparams, weight_values
-from .quant.quantizer import qrange
+from .quant.qdq import activation_qdq, channel_axis, qparams, weight_values
 
 OPSET = 21
 
@@ -50,15 +49,11 @@ def _translation(model: torch.nn.Module, plan: QuantPlan):
             scale, zero = qparams(t)
             return op.DequantizeLinear(_const(weight_values(w, entry)), _const(scale), _const(zero),
                                        axis=channel_axis(t))
-        t = entry["inputs"][int(role[-1])]
-        scale, zero = qparams(t)
-        axis = channel_axis(t)
-        q = op.QuantizeLinear(x, _const(scale), _const(zero), axis=axis)
-        qmin, qmax = qrange(t["bits"])
-        if (qmin, qmax) != (-128, 127):
-            q = op.Clip(q, _const(np.int8(qmin)), _const(np.int8(qmax)))
-        unit_scale = entry["op"] in ("conv2d", "linear")  # s_a is folded into the weight
-        return op.DequantizeLinear(q, _const(np.ones_like(scale) if unit_scale else scale), _const(zero), axis=axis)
+        qdq = activation_qdq(entry, role)
+        q = op.QuantizeLinear(x, _const(qdq.scale), _const(qdq.zero), axis=qdq.axis)
+        if qdq.clip is not None:
+            q = op.Clip(q, *(_const(np.int8(b)) for b in qdq.clip))
+        return op.DequantizeLinear(q, _const(qdq.dq_scale), _const(qdq.zero), axis=qdq.axis)
 
     return mark
 

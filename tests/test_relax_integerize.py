@@ -14,7 +14,7 @@ from hyq_tvm.relax import integerize
 from hyq_tvm.relax import reference as ref
 from hyq_tvm.relax.integerize import integerize_layers
 from hyq_tvm.relax.kernels import requantize_primfunc
-from hyq_tvm.relax.requant import fixed_point_multiplier, requantize, rounding_term
+from hyq_tvm.relax.requant import fixed_point_multiplier, requantize, rounding_term, shifts
 
 RNG = np.random.default_rng(0)
 
@@ -140,7 +140,7 @@ def test_requantize_edge_cases_match_tvm_and_exact_rounding():
 
     prim = requantize_primfunc(acc.shape, 0, len(q), True)
     out = np.zeros(acc.shape, np.int8)
-    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0) + 31, rounding_term(q, shift), zero, out)
+    tvm_out = run(prim, acc, q, *(s.astype(np.int32) for s in shifts(shift)), rounding_term(q, shift), zero, out)
     np.testing.assert_array_equal(tvm_out, expected)
 
 
@@ -159,7 +159,7 @@ def test_requantize_carries_a_real_bias_in_one_rounding():
 
     prim = requantize_primfunc(acc.shape, 0, channels, False)
     c = rounding_term(q, shift, bias)
-    tvm_out = run(prim, acc, q, np.maximum(shift, 0), np.maximum(-shift, 0) + 31, c, np.zeros(channels, np.int32),
+    tvm_out = run(prim, acc, q, *(s.astype(np.int32) for s in shifts(shift)), c, np.zeros(channels, np.int32),
                   np.zeros(acc.shape, np.int8))
     np.testing.assert_array_equal(tvm_out, expected)
 

@@ -5,10 +5,12 @@ export), so both quantize exactly like the fake-quant model of hyq_tvm/quant/mod
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .plan import WEIGHTED_OPS
 from .quantizer import qrange
 
 
@@ -57,3 +59,24 @@ def weight_values(w: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
     """The int8 weight of a conv2d / linear plan entry: its float weight folded with the input scale, quantized."""
     act_scale, _ = qparams(entry["inputs"][0])
     return quantize_values(folded_weight(w, act_scale), entry["weight"])
+
+
+@dataclass(frozen=True)
+class ActivationQDQ:
+    """quantize(x, scale, zero, axis), clipped to `clip` when the values have fewer than 8 bits,
+    then dequantize(q, dq_scale, zero, axis)."""
+
+    scale: np.ndarray        # float32, () or (C,)
+    zero: np.ndarray         # int8, like scale
+    axis: int
+    clip: tuple[int, int] | None
+    dq_scale: np.ndarray     # ones where the scale is folded into the consumer's weight, else scale
+
+
+def activation_qdq(entry: dict[str, Any], role: str) -> ActivationQDQ:
+    """The QDQ of the activation input `role` ("input0", "input1") of a plan entry."""
+    t = entry["inputs"][int(role[-1])]
+    scale, zero = qparams(t)
+    bounds = qrange(t["bits"])
+    return ActivationQDQ(scale, zero, channel_axis(t), None if bounds == (-128, 127) else bounds,
+                         np.ones_like(scale) if entry["op"] in WEIGHTED_OPS else scale)  # s folded into W

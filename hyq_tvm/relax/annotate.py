@@ -21,11 +21,8 @@ from tvm import relax
 
 from ..errors import HyqError
 from ..quant.plan import QuantPlan
-from ..quant.qdq import channel_axis, qparams, weight_values
-from ..quant.quantizer import qrange
+from ..quant.qdq import ActivationQDQ, activation_qdq, channel_axis, qparams, weight_values
 from .importer import is_mark, mark_calls, mark_name
-
-WEIGHTED_OPS = ("conv2d", "linear")
 
 
 def _const(values: np.ndarray, dtype: str) -> relax.Expr:
@@ -48,18 +45,14 @@ class _Annotator(relax.PyExprMutator):
         x = self.visit_expr(call.args[1])
         if role == "weight":
             return self.weight(x, entry)
-        t = entry["inputs"][int(role[-1])]
-        return self.activation(x, t, unit_scale=entry["op"] in WEIGHTED_OPS)
+        return self.activation(x, activation_qdq(entry, role))
 
-    def activation(self, x: relax.Expr, t: dict[str, Any], unit_scale: bool) -> relax.Expr:
-        scale, zero = qparams(t)
-        axis = channel_axis(t)
-        q = self.builder_.emit(relax.op.quantize(x, _const(scale, "float32"), _const(zero, "int8"), axis=axis))
-        qmin, qmax = qrange(t["bits"])
-        if (qmin, qmax) != (-128, 127):
-            q = self.builder_.emit(relax.op.clip(q, qmin, qmax))
-        dq_scale = np.ones_like(scale) if unit_scale else scale
-        return relax.op.dequantize(q, _const(dq_scale, "float32"), _const(zero, "int8"), axis=axis)
+    def activation(self, x: relax.Expr, qdq: ActivationQDQ) -> relax.Expr:
+        q = self.builder_.emit(relax.op.quantize(x, _const(qdq.scale, "float32"), _const(qdq.zero, "int8"),
+                                                 axis=qdq.axis))
+        if qdq.clip is not None:
+            q = self.builder_.emit(relax.op.clip(q, *qdq.clip))
+        return relax.op.dequantize(q, _const(qdq.dq_scale, "float32"), _const(qdq.zero, "int8"), axis=qdq.axis)
 
     def weight(self, w: relax.Expr, entry: dict[str, Any]) -> relax.Expr:
         t = entry["weight"]

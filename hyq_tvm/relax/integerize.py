@@ -37,7 +37,7 @@ from ..errors import HyqError
 from .importer import marked_layer
 from .kernels import PROB_BITS, requantize_primfunc, softmax_primfunc, softmax_table
 from .reference import INT32, along
-from .requant import fixed_point_multiplier, rounding_term
+from .requant import fixed_point_multiplier, rounding_term, shifts
 
 INTEGER_OPS = ("relax.nn.conv2d", "relax.matmul")
 
@@ -127,10 +127,10 @@ def _requant_params(acc_scale, s_o, z_o, bias) -> list[np.ndarray]:
     """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32) of kernels.py, one per channel."""
     q, shift = fixed_point_multiplier(np.asarray(acc_scale, np.float64) / s_o)
     c = rounding_term(q, shift, 0.0 if bias is None else bias)
+    left, right = shifts(shift)
     width = np.broadcast(q, shift, z_o, c).size
     return [np.broadcast_to(v, (width,)).astype(dtype) for v, dtype in (
-        (q, np.int32), (np.maximum(shift, 0), np.int32), (np.maximum(-shift, 0) + 31, np.int32),
-        (c, np.int64), (z_o, np.int32))]
+        (q, np.int32), (left, np.int32), (right, np.int32), (c, np.int64), (z_o, np.int32))]
 
 
 def _consts(arrays) -> list[relax.Constant]:
@@ -380,7 +380,7 @@ class _Integerizer:
             last = len(shape) - 1
             x = _operand(dq, where)
             s_in = _uniform(x.scale)
-            if int(sm.attrs.axis) % len(shape) != last or s_in is None or shape[-1] < 1:
+            if int(sm.attrs.axis) % len(shape) != last or s_in is None:
                 return root
             out = _operand_like(root, where)
             s_o = _per_channel(out.scale, out, out.axis, shape[out.axis], "the output scale", where)

@@ -52,10 +52,15 @@ def fixed_point_multiplier(multiplier) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int32), exp.astype(np.int32)
 
 
+def shifts(shift) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (L, R) = (max(shift, 0), max(-shift, 0) + 31): the left shift of x and the right shift of the sum."""
+    shift = np.asarray(shift, dtype=np.int64)
+    return np.maximum(shift, 0), np.maximum(-shift, 0) + Q
+
+
 def rounding_term(q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
     """int64 c = 2^(R - 1) + floor(bias * q * 2^L + 1/2): half the divisor plus the bias, on the product's grid."""
-    shift = np.asarray(shift, dtype=np.int64)
-    left, right = np.maximum(shift, 0), np.maximum(-shift, 0) + Q
+    left, right = shifts(shift)
     bias = np.asarray(bias, dtype=np.float64)
     if not np.all(np.abs(bias * np.ldexp(1.0, left)) < 2.0 ** 31):
         raise HyqError(f"a bias of {np.abs(bias).max():g} accumulator steps does not fit the requantization")
@@ -65,8 +70,7 @@ def rounding_term(q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
 
 def multiply_shift(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
     """int64 round((acc + bias) * q * 2^(shift - 31)), ties up, as the requantization computes it."""
-    shift = np.asarray(shift, dtype=np.int64)
-    left, right = np.maximum(shift, 0), np.maximum(-shift, 0) + Q
+    left, right = shifts(shift)
     x = (np.asarray(acc, dtype=np.int64) << left) * np.asarray(q, dtype=np.int64)
     return (x + rounding_term(q, shift, bias)) >> right
 
