@@ -33,6 +33,7 @@ from .quant.plan import QuantPlan
 from .relax.annotate import annotate
 from .relax.importer import import_model
 from .relax.integerize import IntegerLayer, integerize_layers
+from .relax.portable import compile_module
 from .relax.verify import check_values, debug_module, first_mismatch, run_debug
 from .report import add_common_args, start
 from .targets import load_target
@@ -58,7 +59,7 @@ def build(plan: QuantPlan) -> tuple[relax.VirtualMachine, list[IntegerLayer]]:
     """The plan's integer graph with its debug function, built for the host, and its integer layers."""
     mod, _ = import_model(plan)
     mod, layers = integerize_layers(annotate(mod, plan))
-    executable = tvm.compile(debug_module(mod, layers), target=load_target("host").tvm_target())
+    executable = compile_module(debug_module(mod, layers), load_target("host").tvm_target())
     return relax.VirtualMachine(executable, tvm.cpu()), layers
 
 

@@ -130,12 +130,44 @@ def _tiny_module(path: Path) -> None:
     ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
 
 
+def _float_islands():
+    """A module of the float islands of a partial-mode graph, one function each (LayerNorm, GELU, SiLU,
+    softmax, dequantize -> SiLU -> quantize), and an input on which x86-64 and aarch64 differ unless
+    compiled portably."""
+    from tvm import relax
+
+    shape = (4, 64, 96)
+    rng = np.random.default_rng(1)
+    gamma, beta = (relax.const(rng.standard_normal(96).astype("float32")) for _ in range(2))
+    islands = {
+        "layer_norm": lambda x: relax.op.nn.layer_norm(x, gamma, beta, axes=[-1]),
+        "gelu": relax.op.nn.gelu,
+        "silu": relax.op.nn.silu,
+        "softmax": lambda x: relax.op.nn.softmax(x, axis=-1),
+        "quantize": lambda x: relax.op.quantize(
+            relax.op.nn.silu(relax.op.add(relax.op.multiply(x, relax.const(0.0137, "float32")), beta)),
+            relax.const(0.021, "float32"), relax.const(3, "int8"), out_dtype="int8"),
+    }
+    bb = relax.BlockBuilder()
+    for name, island in islands.items():
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                out = bb.emit_output(island(x))
+            bb.emit_func_output(out)
+    return bb.get(), list(islands), (rng.standard_normal(shape) * 4).astype("float32")
+
+
 @pytest.mark.slow
 def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
     need_tools("qemu-aarch64-static", "debootstrap", "update-binfmts", "aarch64-linux-gnu-g++")
     need_root()
     import tvm
     from tvm import relax, rpc
+    from tvm.support import cc
+
+    from hyq_tvm.relax.portable import compile_module
+    from hyq_tvm.targets import load_target
 
     state_file = tmp_path / "devices.json"  # private state: leaves boards started by hand alone
     state = fleet.start("rasp4b", count=1, state_file=state_file)
@@ -155,7 +187,18 @@ def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
         c = rng.integers(-1000, 1000, (4, 3), dtype=np.int32)
         out = vm["main"](*(tvm.runtime.tensor(x, remote.cpu()) for x in (a, b, c)))
         np.testing.assert_array_equal(out.numpy(), a @ b + c)
-        del vm, out, remote
+        # float islands compiled portably give the host's bits on the board
+        mod, names, x = _float_islands()
+        compile_module(mod, tvm.target.Target(get_board("rasp4b").target())).export_library(
+            str(tmp_path / "islands.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+        remote.upload(str(tmp_path / "islands.so"))
+        board_vm = relax.VirtualMachine(remote.load_module("islands.so"), remote.cpu())
+        host_vm = relax.VirtualMachine(compile_module(mod, load_target("host").tvm_target()), tvm.cpu())
+        for name in names:
+            got = board_vm[name](tvm.runtime.tensor(x, remote.cpu())).numpy()
+            want = host_vm[name](tvm.runtime.tensor(x)).numpy()
+            assert got.tobytes() == want.tobytes(), f"{name}: board and host differ"
+        del vm, out, board_vm, remote
     finally:
         stopped = fleet.stop(cache=None, state_file=state_file)
     assert board["name"] in stopped and any(s.startswith("tracker") for s in stopped)

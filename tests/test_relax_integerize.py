@@ -371,3 +371,101 @@ def test_softmax_over_another_axis_stays_float():
 
     out, layers = integerize_layers(module({"x": (x.shape, "int8")}, body))
     assert layers == [] and "R.nn.softmax" in out["main"].script()
+
+
+# -- ReLU / clip, residual adds and concatenations ------------------------------------------------
+
+def assert_layers_bitexact(mod: tvm.IRModule, x: np.ndarray, ops: list[str]) -> np.ndarray:
+    """Integerize `mod`, check its layers' ops and every layer against the reference (verify.py); the output."""
+    from hyq_tvm.relax.verify import first_mismatch, verify
+
+    out, layers = integerize_layers(mod)
+    assert [layer.op for layer in layers] == ops
+    checks = verify(out, layers, x, TARGET)
+    assert first_mismatch(checks) is None, checks
+    return run(out, x)
+
+
+@pytest.mark.parametrize("act", ["relu", "clip"])
+def test_relu_and_clip_after_a_layer_are_integer_clamps(act):
+    """quantize(relu / clip(linear(x))) -> requantize, then max / min on int8: equal to the float QDQ graph
+    up to its rounding (one step), and the clamp really bites (many outputs at the bounds)."""
+    t, k, n = 6, 16, 10
+    x, w_q = int8((1, t, k)), int8((n, k))
+    s_a, s_w, s_o, z_o = np.float32(0.03), scales(n), np.float32(0.02), np.int8(-100)
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.matmul(bb.emit(dq(xv, s_a, 0)), bb.emit(relax.op.permute_dims(
+            bb.emit(dq(const(w_q, "int8"), s_w, np.zeros(n, np.int8), axis=0))))))
+        y = bb.emit(relax.op.nn.relu(y) if act == "relu" else relax.op.clip(y, -0.5, 1.5))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"))
+
+    mod = module({"x": ((1, t, k), "int8")}, body)
+    got = assert_layers_bitexact(mod, x, ["matmul"])
+    low, high = (-100, 127) if act == "relu" else (-125, -25)
+    assert got.min() == low and got.max() == high
+    assert np.mean((got == low) | (got == high)) > 0.2
+    assert np.abs(run(mod, x).astype(np.int32) - got).max() <= 1
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_residual_add_becomes_the_rescale_kernel(per_channel):
+    """quantize(dequantize(a) + dequantize(b)): one rescaled int64 sum, rounded once; the float add is gone."""
+    shape = (1, 6, 5, 5)
+    a, b = int8(shape), int8(shape)
+    if per_channel:
+        s_a, z_a = scales(6, 0.01, 0.05), RNG.integers(-10, 10, 6).astype(np.int8)
+        s_o, z_o = scales(6, 0.03, 0.08), RNG.integers(-5, 5, 6).astype(np.int8)
+    else:
+        s_a, z_a, s_o, z_o = np.float32(0.03), np.int8(7), np.float32(0.05), np.int8(-3)
+    s_b, z_b = np.float32(0.011), np.int8(-20)
+
+    def body(bb, av, bv):
+        y = bb.emit(relax.op.add(bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
+
+    mod = module({"a": (shape, "int8"), "b": (shape, "int8")}, body)
+    out, layers = integerize_layers(mod)
+    assert [layer.op for layer in layers] == ["add"] and "R.add" not in out["main"].script()
+    got = run(out, a, b)
+    np.testing.assert_array_equal(got, ref.rescaled_sum([a, b], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
+    assert np.abs(run(mod, a, b).astype(np.int32) - got).max() <= 1
+
+
+def test_rescale_rounds_the_exact_sum_once():
+    """requant.rescale against exact rationals: round-half-up of sum (x_i - z_i) * k_i / 2^R, and within
+    one step of the real sum (x_i - z_i) * s_i / s_o for scales many powers of two apart."""
+    from hyq_tvm.relax.requant import rescale, rescale_params
+
+    xs = [np.arange(-128, 128, dtype=np.int64), RNG.integers(-128, 128, 256)]
+    zs, in_scales, s_o = [3, -9], [np.float64(0.37), np.float64(2.0 ** -9)], np.float64(0.0213)
+    k, c, rs = rescale_params(in_scales, s_o)
+    got = rescale(xs, zs, in_scales, s_o, 0, -(2 ** 20), 2 ** 20, "int32")
+    for i in range(256):
+        total = sum((int(x[i]) - z) * int(k_i[0]) for x, z, k_i in zip(xs, zs, k))
+        assert got[i] == int(np.floor(Fraction(total, 2 ** int(rs[0])) + Fraction(1, 2)))
+    real = sum((x - z) * s for x, z, s in zip(xs, zs, in_scales)) / s_o
+    assert np.abs(got - real).max() <= 0.5 + 1e-6
+    with pytest.raises(HyqError, match="differ in scale by more than 2"):
+        rescale_params([np.float64(1.0), np.float64(2.0 ** -30)], np.float64(2.0 ** -25))
+
+
+@pytest.mark.parametrize("out_per_channel", [False, True])
+def test_concat_rescales_each_input_to_the_output_grid(out_per_channel):
+    """quantize(concat([dequantize(a), dequantize(b)], axis=1)): each input rescaled, int8 concatenated;
+    per-channel output parameters along the concatenated axis are split between the inputs."""
+    a, b = int8((1, 3, 4, 4)), int8((1, 5, 4, 4))
+    s_a, z_a, s_b, z_b = np.float32(0.02), np.int8(1), scales(5, 0.01, 0.04), RNG.integers(-9, 9, 5).astype(np.int8)
+    s_o, z_o = ((scales(8, 0.02, 0.05), RNG.integers(-4, 4, 8).astype(np.int8)) if out_per_channel
+                else (np.float32(0.03), np.int8(2)))
+
+    def body(bb, av, bv):
+        y = bb.emit(relax.op.concat([bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))], axis=1))
+        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
+
+    mod = module({"a": (a.shape, "int8"), "b": (b.shape, "int8")}, body)
+    out, layers = integerize_layers(mod)
+    assert [layer.op for layer in layers] == ["concat"] and "R.dequantize" not in out["main"].script()
+    got = run(out, a, b)
+    np.testing.assert_array_equal(got, ref.rescaled_concat([a, b], [z_a, z_b], [s_a, s_b], s_o, z_o, 1, 1))
+    assert np.abs(run(mod, a, b).astype(np.int32) - got).max() <= 1

@@ -16,6 +16,17 @@ where OP is `relax.nn.conv2d` (NCHW/OIHW, any groups) or `relax.matmul`, and B i
                             -> int8, the bias carried exactly in the 64-bit rounding term (requant.py)
     else (a float island):  float(acc) * (s_a * s_w), the bias left as the float add that follows.
 
+A ReLU or clip between OP (and its bias) and the quantize becomes a clamp of the requantized int8 values
+(exact: quantization is monotonic, so it commutes with max / min).
+
+A residual add or a concatenation of dequantized int8 tensors that is quantized again,
+
+    quantize(add(dequantize(a_q), dequantize(b_q)))     quantize(concat([dequantize(x_q), ...], axis))
+
+becomes the rescale kernel: each input's zero point removed, multiplied by its own fixed-point ratio
+s_in / s_out on a common shift, summed in int64, rounded once (requant.rescale_params); a concatenation
+rescales each input to the output grid and concatenates int8 tensors.
+
 A softmax whose input and output are quantized (full mode), quantize(softmax(dequantize(x_q), last axis)),
 becomes the integer softmax of kernels.py: exp from a 256-entry Q30 table, Q30 probabilities, requantized.
 
@@ -35,9 +46,9 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
 from .importer import marked_layer
-from .kernels import PROB_BITS, requantize_primfunc, softmax_primfunc, softmax_table
+from .kernels import PROB_BITS, requantize_primfunc, rescale_primfunc, softmax_primfunc, softmax_table
 from .reference import INT32, along
-from .requant import fixed_point_multiplier, rounding_term, shifts
+from .requant import fixed_point_multiplier, rescale_params, rounding_term, shifts
 
 INTEGER_OPS = ("relax.nn.conv2d", "relax.matmul")
 
@@ -83,14 +94,14 @@ class IntegerLayer:
 
     result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
     when out_scale is set, else dequantize_acc(OP(...), acc_scale); for a softmax OP is softmax_probs with
-    attrs["table"]. `inputs` and `result` are Relax vars of the integerized function. An op whose output
+    attrs["table"]; an add / concat is requant.rescale of its inputs (acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
     is both requantized and used in float (a residual) has one record per result.
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
-    op: str                   # "conv2d", "matmul" or "softmax"
+    op: str                   # "conv2d", "matmul", "softmax", "add" or "concat"
     attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes;
-                              # softmax: table
+                              # softmax: table; add / concat: scales (one per input, along axis), dim (concat)
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
     zero_points: tuple[np.ndarray, ...]
@@ -101,6 +112,7 @@ class IntegerLayer:
     out_zero_point: np.ndarray | None
     out_dtype: str
     result: relax.Var
+    clamp: tuple[np.ndarray, np.ndarray] | None = None  # int64 (low, high) of a ReLU / clip after requantization
 
 
 def _patterns():
@@ -112,8 +124,19 @@ def _patterns():
     matmul = is_op("relax.matmul")(a, b | b_t)
     core = conv | matmul
     bias = is_op("relax.add")(core, is_const())
-    quant = is_op("relax.quantize")(bias | core, is_const(), is_const())
-    return quant, core, dict(a=a, b=b, b_t=b_t, conv=conv, matmul=matmul, bias=bias)
+    relu = is_op("relax.nn.relu")(bias | core)
+    clip = is_op("relax.clip")(bias | core, wildcard(), wildcard())
+    quant = is_op("relax.quantize")(relu | clip | bias | core, is_const(), is_const())
+    return quant, core, dict(a=a, b=b, b_t=b_t, conv=conv, matmul=matmul, bias=bias, relu=relu, clip=clip)
+
+
+def _rescale_patterns():
+    """Roots of quantize(add(dequantize(a), dequantize(b))) and quantize(concat(...)), named sub-patterns."""
+    dq = [is_op("relax.dequantize")(wildcard(), is_const(), is_const()) for _ in range(2)]
+    add = is_op("relax.add")(*dq)
+    concat = is_op("relax.concat")(wildcard())
+    quant = is_op("relax.quantize")(add | concat, is_const(), is_const())
+    return quant, {"add": add, "concat": concat, "a": dq[0], "b": dq[1]}
 
 
 def _softmax_pattern():
@@ -292,6 +315,7 @@ class _Integerizer:
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         self.quant, self.core, self.named = _patterns()
         self.softmax_root, self.softmax_pattern = _softmax_pattern()
+        self.rescale_root, self.rescale_pattern = _rescale_patterns()
         self.layers: dict[relax.Var, IntegerLayer] = {}
 
     def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
@@ -365,9 +389,67 @@ class _Integerizer:
             out_dtype = str(root.attrs.out_dtype)
             key = ("requantize", shape, axis, params[0].size, bool(np.any(params[1])), out_dtype)
             gv = self.kernel(key, lambda: requantize_primfunc(*key[1:]))
+            out_ty = relax.TensorType(shape, out_dtype)
+            result = relax.call_tir(gv, [acc, *_consts(params)], out_ty)
+            clamp = _clamp(m, n, s_o, z_o, out_dtype)
+            if clamp is not None:
+                low, high = (relax.const(along(v, axis, len(shape)).astype(out_dtype), out_dtype) for v in clamp)
+                result = relax.op.minimum(relax.op.maximum(result, low), high)
             self.core_record(func_name, func, root, m, core, bias=bias, acc_scale=core.scale, axis=axis,
-                             out_scale=s_o, out_zero_point=z_o, out_dtype=out_dtype)
-            return relax.call_tir(gv, [acc, *_consts(params)], relax.TensorType(shape, out_dtype))
+                             out_scale=s_o, out_zero_point=z_o, out_dtype=out_dtype, clamp=clamp)
+            return result
+        return rewrite
+
+    def rescaled(self, func_name: str, func: relax.Function):
+        """Rewriter for a quantized add / concat of dequantized int8 tensors: the rescale kernel of kernels.py.
+        Inputs that are not all dequantized int8 tensors, or scales along different axes, stay in float."""
+        def rewrite(root: relax.Call, m: dict) -> relax.Expr:
+            add = m.get(self.rescale_pattern["add"])
+            op = add if add is not None else m[self.rescale_pattern["concat"]]
+            where = self.where(func_name, func, op)
+            named = self.rescale_pattern
+            fields = [m[named["a"]], m[named["b"]]] if add is not None else _tuple_fields(func, op.args[0])
+            if fields is None or not all(_is_dequantize(f) and _dtype(f.args[0]) == "int8" for f in fields):
+                return root
+            shape = _shape(root, where)
+            out = _operand_like(root, where)
+            dim = int(op.attrs.axis) % len(shape) if add is None else None
+            ins = [_operand(f, where) for f in fields]
+            axes = {o.axis for o in (out, *ins) if _uniform(o.scale) is None or _uniform(o.zero_point) is None}
+            if len(axes) > 1 or (add is not None and any(_shape(o.data, where) != shape for o in ins)):
+                return root
+            axis = axes.pop() if axes else out.axis
+            out_dtype = str(root.attrs.out_dtype)
+            groups = [ins] if add is not None else [[o] for o in ins]
+            ends = np.cumsum([0] + [_shape(o.data, where)[dim] for o in ins]) if dim is not None else None
+            pieces, scales = [], []
+            for i, group in enumerate(groups):
+                part_shape = _shape(group[0].data, where)
+                channels = part_shape[axis]
+                s_o, z_o = out.scale, out.zero_point
+                if dim == axis:  # this input's slice of per-channel output parameters
+                    s_o, z_o = (v[ends[i]:ends[i + 1]] if v.ndim else v for v in (s_o, z_o))
+                s_o, z_o = (_per_channel(v, out, axis, channels, f"the output {what}", where)
+                            for v, what in ((s_o, "scale"), (z_o, "zero point")))
+                in_scales = [_per_channel(o.scale, o, axis, channels, "the input scale", where) for o in group]
+                z_in = [_per_channel(o.zero_point, o, axis, channels, "the input zero point", where) for o in group]
+                k, c, rs = rescale_params(in_scales, s_o)
+                width = np.broadcast(k[0], c, z_o, *z_in).size
+                params = [np.stack([np.broadcast_to(z, (width,)) for z in z_in]).astype(np.int32),
+                          np.broadcast_to(k, (len(group), width)).astype(np.int64),
+                          *(np.broadcast_to(v, (width,)).astype(t) for v, t in ((c, np.int64), (rs, np.int32),
+                                                                               (z_o, np.int32)))]
+                key = ("rescale", part_shape, axis, width, len(group), out_dtype)
+                gv = self.kernel(key, lambda: rescale_primfunc(*key[1:]))
+                pieces.append(relax.call_tir(gv, [*(o.data for o in group), *_consts(params)],
+                                             relax.TensorType(part_shape, out_dtype)))
+                scales += in_scales
+            self.record(func_name, func, root, fields[0], "add" if add is not None else "concat",
+                        {"scales": scales, "dim": dim},
+                        tuple(o.data for o in ins), None, tuple(o.zero_point for o in ins), bias=None,
+                        acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale, out_zero_point=out.zero_point,
+                        out_dtype=out_dtype)
+            return pieces[0] if add is not None else relax.op.concat(pieces, axis=dim)
         return rewrite
 
     def softmax(self, func_name: str, func: relax.Function):
@@ -418,6 +500,7 @@ class _Integerizer:
                 func = _rewrite(self.quant, self.quantized(name, func), func)
                 func = _rewrite(self.core, self.dequantized(name, func), func)
                 func = _rewrite(self.softmax_root, self.softmax(name, func), func)
+                func = _rewrite(self.rescale_root, self.rescaled(name, func), func)
                 self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
         return self.builder.get()
 
@@ -442,6 +525,33 @@ def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
     if errors:
         raise errors[0]
     return out
+
+
+def _is_dequantize(expr: relax.Expr) -> bool:
+    return isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.dequantize") and all(
+        isinstance(a, tvm.ir.expr.Constant) for a in expr.args[1:])
+
+
+def _tuple_fields(func: relax.Function, expr: relax.Expr) -> list[relax.Expr] | None:
+    """The fields of a tuple, looked up through the vars `func` binds (None if not a tuple of known values)."""
+    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    expr = values.get(expr, expr)
+    if not isinstance(expr, relax.Tuple):
+        return None
+    return [values.get(f, f) for f in expr.fields]
+
+
+def _clamp(m: dict, named: dict, s_o: np.ndarray, z_o: np.ndarray, out_dtype: str):
+    """int64 (low, high) bounds, () or per channel, of the ReLU / clip of a match on the output grid, or None."""
+    info = np.iinfo(out_dtype)
+    if named["relu"] in m:
+        low, high = np.asarray(z_o, np.float64), np.float64(info.max)
+    elif named["clip"] in m:
+        a_min, a_max = (float(getattr(v.value, "value", v.value)) for v in m[named["clip"]].args[1:])
+        low, high = (np.round(np.clip(v / s_o, -2.0 ** 40, 2.0 ** 40)) + z_o for v in (a_min, a_max))
+    else:
+        return None
+    return tuple(np.clip(v, info.min, info.max).astype(np.int64) for v in (low, high))
 
 
 def _operand_like(quant: relax.Call, where: str) -> _Operand:

@@ -1,6 +1,7 @@
-"""The TIR kernels of the integer graph: requantization and the integer softmax of full mode.
+"""The TIR kernels of the integer graph: requantization, rescaled sums (residual adds, concatenations)
+and the integer softmax of full mode.
 
-Both end in the fixed-point requantization of requant.py; reference.py is their numpy twin.
+All end in the fixed-point requantization of requant.py; reference.py is their numpy twin.
 """
 from __future__ import annotations
 
@@ -39,6 +40,32 @@ def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_d
         return _requantized(acc(*i).astype("int64"), q, ls, rs, c, zp, ch, left_shift, out_dtype)
 
     return te.create_prim_func([acc, q, ls, rs, c, zp, te.compute(shape, body, name="requantize")])
+
+
+def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: str = "int8"):
+    """PrimFunc(x_0, .., x_{n-1}, z, k, c, rs, zp, out): int8 tensors of one shape rescaled to one grid and summed,
+
+        out = clip(((sum_i (int64(x_i) - z_i) * k_i + c) >> rs) + zp, qmin, qmax)
+
+    z (int32) and k (int64) are (n, channels), c (int64), rs and zp (int32) are (channels,): one value per
+    channel along `axis` (one in all when channels is 1). requant.rescale is its numpy twin.
+    """
+    xs = [te.placeholder(shape, "int8", name=f"x{i}") for i in range(inputs)]
+    z = te.placeholder((inputs, channels), "int32", name="z")
+    k = te.placeholder((inputs, channels), "int64", name="k")
+    c = te.placeholder((channels,), "int64", name="c")
+    rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("rs", "zp"))
+    info = np.iinfo(out_dtype)
+
+    def body(*i):
+        ch = i[axis] if channels > 1 else 0
+        total = c[ch]
+        for j, x in enumerate(xs):
+            total = total + (x(*i).astype("int64") - z[j, ch].astype("int64")) * k[j, ch]
+        shifted = (total >> rs[ch].astype("int64")) + zp[ch].astype("int64")
+        return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
+
+    return te.create_prim_func([*xs, z, k, c, rs, zp, te.compute(shape, body, name="rescale")])
 
 
 def softmax_table(scale: float) -> np.ndarray:

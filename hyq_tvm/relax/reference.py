@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import HyqError
 from .kernels import PROB_BITS
-from .requant import fixed_point_multiplier, requantize
+from .requant import fixed_point_multiplier, requantize, rescale
 
 INT32 = np.iinfo(np.int32)
 
@@ -86,3 +86,26 @@ def softmax_probs(x_q: np.ndarray, table: np.ndarray) -> np.ndarray:
     x = np.asarray(x_q, np.int64)
     e = np.asarray(table, np.int64)[x.max(axis=-1, keepdims=True) - x]
     return ((e << PROB_BITS) // e.sum(axis=-1, keepdims=True)).astype(np.int32)
+
+
+def rescaled_sum(xs, zero_points, scales, out_scale, out_zero_point, axis: int, out_dtype: str = "int8") -> np.ndarray:
+    """sum_i (x_i - z_i) * s_i on the output grid (s_o, z_o), rounded once: a residual add of int8 tensors."""
+    ndim = np.ndim(xs[0])
+    info = np.iinfo(out_dtype)
+    return rescale(xs, [along(z, axis, ndim) for z in zero_points], [along(s, axis, ndim) for s in scales],
+                   along(out_scale, axis, ndim), along(out_zero_point, axis, ndim), int(info.min), int(info.max),
+                   out_dtype)
+
+
+def rescaled_concat(xs, zero_points, scales, out_scale, out_zero_point, axis: int, dim: int,
+                    out_dtype: str = "int8") -> np.ndarray:
+    """The int8 tensors each rescaled to the output grid and concatenated along `dim`; per-channel output
+    parameters along `dim` are split among the inputs."""
+    ends = np.cumsum([0] + [np.shape(x)[dim] for x in xs])
+    parts = []
+    for i, (x, z, s) in enumerate(zip(xs, zero_points, scales)):
+        s_o, z_o = out_scale, out_zero_point
+        if dim == axis:
+            s_o, z_o = (v[ends[i]:ends[i + 1]] if np.ndim(v) else v for v in (s_o, z_o))
+        parts.append(rescaled_sum([x], [z], [s], s_o, z_o, axis, out_dtype))
+    return np.concatenate(parts, axis=dim)

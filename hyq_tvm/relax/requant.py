@@ -75,6 +75,42 @@ def multiply_shift(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, bias=0.0) 
     return (x + rounding_term(q, shift, bias)) >> right
 
 
+RESCALE_BITS = 54  # |k| < 2^54 keeps (x - z) * k of an 8-bit x within int64 for two summed inputs
+
+
+def rescale_params(in_scales, out_scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int64 k (n, C), c (C,) and int32 rs (C,) for `rescale`: k_i * 2^-rs ~= in_scales[i] / out_scale.
+
+    Each ratio is a Q31 multiplier (fixed_point_multiplier); all share the largest right shift R, so the
+    rescaled inputs add exactly in int64 and the sum is rounded once (ties up, c = 2^(R - 1)).
+    Scales are () or (C,) arrays; a ratio beyond 2^23 between the inputs raises a HyqError.
+    """
+    ratios = np.stack(np.broadcast_arrays(*(np.asarray(s, np.float64) / np.asarray(out_scale, np.float64)
+                                            for s in in_scales))).reshape(len(in_scales), -1)
+    q, shift = fixed_point_multiplier(ratios)
+    left, right = shifts(shift)
+    common = right.max(axis=0)
+    k = (q.astype(np.int64) << left) << (common - right)
+    if np.any(np.abs(k) >= np.int64(1) << RESCALE_BITS):
+        raise HyqError("the inputs of a rescaled sum differ in scale by more than 2^23; quantize them alike")
+    return k, np.int64(1) << (common - 1), common.astype(np.int32)
+
+
+def rescale(xs, zero_points, in_scales, out_scale, out_zero_point, qmin: int, qmax: int,
+            out_dtype: str = "int8") -> np.ndarray:
+    """clip(round(sum_i (x_i - z_i) * s_i / s_o) + z_o) with the multipliers of rescale_params.
+
+    Scales and zero points broadcast against the x_i (per-channel values shaped along the channel axis).
+    """
+    shape = np.broadcast_shapes(*(np.shape(s) for s in in_scales), np.shape(out_scale))
+    k, c, rs = rescale_params(in_scales, out_scale)
+    total = c.reshape(shape)
+    for x, z, k_i in zip(xs, zero_points, k):
+        total = total + (np.asarray(x, np.int64) - np.asarray(z, np.int64)) * k_i.reshape(shape)
+    out = (total >> rs.reshape(shape).astype(np.int64)) + np.asarray(out_zero_point, np.int64)
+    return np.clip(out, qmin, qmax).astype(out_dtype)
+
+
 def requantize(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, zero_point, qmin: int, qmax: int,
                out_dtype: str = "int8", bias=0.0) -> np.ndarray:
     """clip(multiply_shift(acc, q, shift, bias) + z, qmin, qmax) as `out_dtype`.

@@ -17,6 +17,7 @@ from tvm import relax
 from ..errors import HyqError
 from . import reference as ref
 from .integerize import IntegerLayer
+from .portable import compile_module
 
 DEBUG = "main_debug"
 
@@ -73,6 +74,12 @@ def debug_module(mod: tvm.IRModule, layers: list[IntegerLayer]) -> tvm.IRModule:
 def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.ndarray:
     """The layer's result recomputed by reference.py from the integer inputs in `values`."""
     a = values[layer.inputs[0]]
+    if layer.op in ("add", "concat"):
+        xs = [values[v] for v in layer.inputs]
+        args = (xs, layer.zero_points, layer.attrs["scales"], layer.out_scale, layer.out_zero_point, layer.axis)
+        if layer.op == "add":
+            return ref.rescaled_sum(*args, layer.out_dtype)
+        return ref.rescaled_concat(*args, layer.attrs["dim"], layer.out_dtype)
     if layer.op == "softmax":
         return ref.requantize_acc(ref.softmax_probs(a, layer.attrs["table"]), layer.acc_scale, layer.out_scale,
                                   layer.out_zero_point, layer.axis, layer.out_dtype)
@@ -86,8 +93,12 @@ def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.nda
         acc = ref.qmatmul(a, z_a, b if layer.attrs["b_axes"] is None else b.transpose(layer.attrs["b_axes"]), z_b)
     if layer.out_scale is None:
         return ref.dequantize_acc(acc, layer.acc_scale, layer.axis, layer.out_dtype)
-    return ref.requantize_acc(acc, layer.acc_scale, layer.out_scale, layer.out_zero_point, layer.axis,
-                              layer.out_dtype, 0.0 if layer.bias is None else layer.bias)
+    out = ref.requantize_acc(acc, layer.acc_scale, layer.out_scale, layer.out_zero_point, layer.axis,
+                             layer.out_dtype, 0.0 if layer.bias is None else layer.bias)
+    if layer.clamp is None:
+        return out
+    low, high = (ref.along(v, layer.axis, out.ndim) for v in layer.clamp)
+    return np.clip(out, low, high).astype(layer.out_dtype)
 
 
 def compare(layer: IntegerLayer, got: np.ndarray, want: np.ndarray) -> LayerCheck:
@@ -134,5 +145,5 @@ def assert_bitexact(checks: list[LayerCheck]) -> None:
 def verify(mod: tvm.IRModule, layers: list[IntegerLayer], x: np.ndarray,
            target: tvm.target.Target) -> list[LayerCheck]:
     """Build debug_module(mod, layers) for `target`, run it on `x` (CPU) and check every layer."""
-    vm = relax.VirtualMachine(tvm.compile(debug_module(mod, layers), target=target), tvm.cpu())
+    vm = relax.VirtualMachine(compile_module(debug_module(mod, layers), target), tvm.cpu())
     return check_layers(vm, layers, x)
