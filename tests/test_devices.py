@@ -225,8 +225,8 @@ def test_rpc_server_instruction_counts(tmp_path):
         lib = tmp_path / "tiny.so"
         _tiny_module(lib)
         remote = rpc.connect_tracker(t["host"], t["port"]).request("rasp4b", session_timeout=300)
-        remote.upload(str(lib))
-        vm = relax.VirtualMachine(remote.load_module("tiny.so"), remote.cpu())
+        remote.upload(str(lib), "model.so")  # the name whose code icount_code counts
+        vm = relax.VirtualMachine(remote.load_module("model.so"), remote.cpu())
         a, b, c = np.ones((4, 8), "int32"), np.full((8, 3), 2, "int32"), np.arange(12, dtype="int32").reshape(4, 3)
         out = vm["main"](*(tvm.runtime.tensor(x, remote.cpu()) for x in (a, b, c))).numpy()
         np.testing.assert_array_equal(out, a @ b + c)
@@ -236,6 +236,8 @@ def test_rpc_server_instruction_counts(tmp_path):
             time.sleep(0.5)
         counts = icount.server_counts(board)
         assert len(counts) == 1 and list(counts.values())[0] > 100_000
+        (code,) = icount.server_counts(board, "icount_code").values()
+        assert 0 < code < list(counts.values())[0] / 100  # the module's own code: a small part of the session
     finally:
         fleet.stop(state_file=state_file)
     assert icount.server_counts(board) == {}

@@ -37,11 +37,12 @@ def build_plugin(cache: Path | None = None, source: Path = SOURCE) -> Path:
     return out
 
 
-def parse_count(text: str) -> int:
+def parse_count(text: str, key: str = "icount") -> int:
+    """The count on the plugin's "<key> N" line: "icount" (all instructions) or "icount_code"."""
     for line in text.splitlines():
-        if line.startswith("icount "):
+        if line.startswith(f"{key} "):
             return int(line.split()[1])
-    raise HyqError("the QEMU plugin wrote no instruction count")
+    raise HyqError(f"the QEMU plugin wrote no {key} line")
 
 
 def run_counted(program, args=(), board: str = "rasp4b", sysroot: str | Path | None = None,
@@ -81,8 +82,11 @@ def count_instructions(program, args=(), board: str = "rasp4b", sysroot=None, ca
 # dynamic qemu-aarch64 and its x86-64 libraries into the rootfs, and a .pth hook (Debian's own
 # sitecustomize shadows one in the venv) makes
 # sys.executable a wrapper that starts the worker under that qemu with the plugin (fork=reset): each
-# session process then writes its own count to /tmp/hyq-icount/<board>.<pid> in the rootfs when it ends.
+# session process then writes its own count to /tmp/hyq-icount/<board>.<pid> in the rootfs when it ends:
+# all its instructions, and ("icount_code") those in the files named in COUNTED_CODE: the model library a
+# benchmark loads and the math library it calls, deterministic while RPC and thread-pool code is not.
 QEMU_DIR = "/opt/hyq-qemu"
+COUNTED_CODE = ("/model.so", "/libm.so.6")
 WRAPPER = f"{QEMU_DIR}/python-icount"
 HOOK = '''\
 # hyq-tvm: with HYQ_ICOUNT_OUT set, start child Pythons (the RPC popen worker) under the dynamic
@@ -124,7 +128,8 @@ def install_in_rootfs(root: Path, cache: Path | None = None) -> None:
     wrapper.write_text(
         "#!/bin/sh\n"
         f'exec {QEMU_DIR}/lib/{loader} --library-path {QEMU_DIR}/lib {QEMU_DIR}/qemu-aarch64 '
-        f'-cpu "${{QEMU_CPU:-cortex-a72}}" -plugin "{QEMU_DIR}/icount.so,out=$HYQ_ICOUNT_OUT,fork=reset" '
+        f'-cpu "${{QEMU_CPU:-cortex-a72}}" -plugin "{QEMU_DIR}/icount.so,out=$HYQ_ICOUNT_OUT,fork=reset,'
+        f'code={":".join(COUNTED_CODE)}" '
         f'{VENV}/bin/python "$@"\n')
     wrapper.chmod(0o755)
     (root / "tmp" / "hyq-icount").mkdir(parents=True, exist_ok=True)
@@ -134,13 +139,14 @@ def install_in_rootfs(root: Path, cache: Path | None = None) -> None:
     (site / "hyq_icount.pth").write_text("import hyq_icount_hook\n")
 
 
-def server_counts(board_entry: dict) -> dict[int, int]:
-    """Instruction counts written so far by an --icount board's processes: {pid: count}."""
+def server_counts(board_entry: dict, key: str = "icount") -> dict[int, int]:
+    """Instruction counts ("icount": all, "icount_code": in COUNTED_CODE) written so far by an --icount
+    board's processes: {pid: count}."""
     d = Path(board_entry["rootfs"]) / "tmp" / "hyq-icount"
     counts = {}
     for f in d.glob(f"{board_entry['name']}.*"):
         try:
-            counts[int(f.name.rsplit(".", 1)[1])] = parse_count(f.read_text())
+            counts[int(f.name.rsplit(".", 1)[1])] = parse_count(f.read_text(), key)
         except (ValueError, HyqError):
             pass
     return counts

@@ -29,6 +29,9 @@ rescales each input to the output grid and concatenates int8 tensors.
 
 A softmax whose input and output are quantized (full mode), quantize(softmax(dequantize(x_q), last axis)),
 becomes the integer softmax of kernels.py: exp from a 256-entry Q30 table, Q30 probabilities, requantized.
+A quantized LayerNorm over the last axis (or GroupNorm with one group) of a dequantized int8 tensor, with
+per-channel input scales (full mode), becomes the integer norm of kernels.py: all channels on one integer
+grid, int64 mean and variance, an integer square root, and the affine output in fixed point.
 
 Scales and zero points must be constants. Anything that cannot be integerized raises a HyqError.
 `integerize_layers` also returns an `IntegerLayer` record per rewritten op, for the layer-by-layer
@@ -46,7 +49,8 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
 from .importer import marked_layer
-from .kernels import PROB_BITS, requantize_primfunc, rescale_primfunc, softmax_primfunc, softmax_table
+from .kernels import (PROB_BITS, norm_params, norm_primfunc, requantize_primfunc, rescale_primfunc,
+                      softmax_primfunc, softmax_table)
 from .reference import INT32, along
 from .requant import fixed_point_multiplier, rescale_params, rounding_term, shifts
 
@@ -94,14 +98,16 @@ class IntegerLayer:
 
     result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
     when out_scale is set, else dequantize_acc(OP(...), acc_scale); for a softmax OP is softmax_probs with
-    attrs["table"]; an add / concat is requant.rescale of its inputs (acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
+    attrs["table"]; a norm is reference.integer_norm, an add / concat requant.rescale of its inputs (both
+    leave acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
     is both requantized and used in float (a residual) has one record per result.
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
-    op: str                   # "conv2d", "matmul", "softmax", "add" or "concat"
+    op: str                   # "conv2d", "matmul", "softmax", "norm", "add" or "concat"
     attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes;
-                              # softmax: table; add / concat: scales (one per input, along axis), dim (concat)
+                              # softmax: table; norm: params (NormParams), reduce_axes;
+                              # add / concat: scales (one per input, along axis), dim (concat)
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
     zero_points: tuple[np.ndarray, ...]
@@ -128,6 +134,15 @@ def _patterns():
     clip = is_op("relax.clip")(bias | core, wildcard(), wildcard())
     quant = is_op("relax.quantize")(relu | clip | bias | core, is_const(), is_const())
     return quant, core, dict(a=a, b=b, b_t=b_t, conv=conv, matmul=matmul, bias=bias, relu=relu, clip=clip)
+
+
+def _norm_pattern():
+    """(root, named sub-patterns) of quantize(layer_norm | group_norm(dequantize(x_q), gamma, beta))."""
+    dq = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    layer_norm = is_op("relax.nn.layer_norm")(dq, is_const(), is_const())
+    group_norm = is_op("relax.nn.group_norm")(dq, is_const(), is_const())
+    root = is_op("relax.quantize")(layer_norm | group_norm, is_const(), is_const())
+    return root, {"layer_norm": layer_norm, "group_norm": group_norm, "input": dq}
 
 
 def _rescale_patterns():
@@ -316,6 +331,7 @@ class _Integerizer:
         self.quant, self.core, self.named = _patterns()
         self.softmax_root, self.softmax_pattern = _softmax_pattern()
         self.rescale_root, self.rescale_pattern = _rescale_patterns()
+        self.norm_root, self.norm_pattern = _norm_pattern()
         self.layers: dict[relax.Var, IntegerLayer] = {}
 
     def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
@@ -479,6 +495,46 @@ class _Integerizer:
             return relax.call_tir(gv, [x.data, *_consts([table, *params])], relax.TensorType(shape, out_dtype))
         return rewrite
 
+    def norm(self, func_name: str, func: relax.Function):
+        """Rewriter for a quantized LayerNorm over the last axis or GroupNorm with one group (NCHW) of a
+        dequantized int8 tensor: the integer norm of kernels.py. Other norms stay float islands."""
+        def rewrite(root: relax.Call, m: dict) -> relax.Expr:
+            named = self.norm_pattern
+            call = m[named["layer_norm"]] if named["layer_norm"] in m else m[named["group_norm"]]
+            where = self.where(func_name, func, call)
+            shape = _shape(root, where)
+            ndim = len(shape)
+            if call.op.name == "relax.nn.layer_norm":
+                axes = tuple(int(a) % ndim for a in call.attrs.axes)
+                axis, reduce_axes = ndim - 1, (ndim - 1,)
+                plain = axes == reduce_axes and bool(call.attrs.center) and bool(call.attrs.scale)
+            else:
+                axis, reduce_axes = 1, (1, 2, 3)
+                plain = (ndim == 4 and int(call.attrs.num_groups) == 1 and int(call.attrs.channel_axis) % ndim == 1
+                         and tuple(int(a) % ndim for a in call.attrs.axes) == (2, 3)
+                         and bool(call.attrs.center) and bool(call.attrs.scale))
+            x = _operand(m[named["input"]], where)
+            out = _operand_like(root, where)
+            per_channel = [o.axis for o in (x, out) if _uniform(o.scale) is None or _uniform(o.zero_point) is None]
+            if not plain or any(a != axis for a in per_channel):
+                return root
+            channels = shape[axis]
+            z_in, z_o = (np.broadcast_to(o.zero_point, (channels,)) for o in (x, out))
+            gamma, beta = (c.value.numpy().astype(np.float64).reshape(-1) for c in call.args[1:3])
+            count = int(np.prod([shape[i] for i in reduce_axes]))
+            params = norm_params(x.scale, gamma, beta, out.scale, float(call.attrs.epsilon), channels, count)
+            out_dtype = str(root.attrs.out_dtype)
+            key = ("norm", shape, axis, reduce_axes, params.shift, out_dtype)
+            gv = self.kernel(key, lambda: norm_primfunc(*key[1:]))
+            arrays = [z_in.astype(np.int32), params.multiplier, params.gain, params.offset, z_o.astype(np.int32),
+                      np.array([params.eps], np.int64)]
+            self.record(func_name, func, root, m[named["input"]], "norm",
+                        {"params": params, "reduce_axes": reduce_axes}, (x.data,), None, (x.zero_point,),
+                        bias=None, acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale,
+                        out_zero_point=out.zero_point, out_dtype=out_dtype)
+            return relax.call_tir(gv, [x.data, *_consts(arrays)], relax.TensorType(shape, out_dtype))
+        return rewrite
+
     def dequantized(self, func_name: str, func: relax.Function):
         """Rewriter for a core whose output stays float: int32 accumulation, then one float multiply."""
         def rewrite(op: relax.Call, m: dict) -> relax.Expr:
@@ -501,6 +557,7 @@ class _Integerizer:
                 func = _rewrite(self.core, self.dequantized(name, func), func)
                 func = _rewrite(self.softmax_root, self.softmax(name, func), func)
                 func = _rewrite(self.rescale_root, self.rescaled(name, func), func)
+                func = _rewrite(self.norm_root, self.norm(name, func), func)
                 self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
         return self.builder.get()
 

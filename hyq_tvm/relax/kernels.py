@@ -1,12 +1,16 @@
 """The TIR kernels of the integer graph: requantization, rescaled sums (residual adds, concatenations)
-and the integer softmax of full mode.
+and the integer softmax and normalization of full mode.
 
 All end in the fixed-point requantization of requant.py; reference.py is their numpy twin.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import te, tirx
+
+from ..errors import HyqError
 
 PROB_BITS = 30  # softmax probabilities and exp table entries are Q30 integers
 
@@ -99,3 +103,107 @@ def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtyp
         return _requantized(p(*i), q, ls, rs, c, zp, i[axis] if channels > 1 else 0, left_shift, out_dtype)
 
     return te.create_prim_func([x, table, q, ls, rs, c, zp, te.compute(shape, body, name="softmax")])
+
+
+NORM_INPUT_BITS = 16  # at most: the widest input channel's step is 2^16 grid steps (|t| < 2^24), so that
+                      # the variance stays below 2^52, where the float64 square root is exact
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """Integer constants of a normalization of int8 inputs with per-channel scales s_c and zero points z_c.
+
+    t = (x - z_c) * multiplier_c puts every channel on one grid, of step max(s_c) * 2^-input_bits; gain_c
+    and offset_c are gamma_c / s_o_c and beta_c / s_o_c (output steps) with `shift` fractional bits.
+    """
+
+    multiplier: np.ndarray  # int64 (C,)
+    eps: int                # epsilon on the grid of t^2
+    gain: np.ndarray        # int64 (C,)
+    offset: np.ndarray      # int64 (C,)
+    shift: int              # fractional bits of gain and offset
+
+
+def norm_params(in_scale, gamma, beta, out_scale, eps: float, channels: int, count: int) -> NormParams:
+    """The NormParams of a LayerNorm / GroupNorm(1) over `count` elements with these float parameters
+    (arrays () or (C,)), chosen so that no int64 term of the kernel overflows for int8 inputs (|x - z| < 2^8).
+
+    Input grid: |t| < 2^(8 + b) with b input bits, |d| < 2^(9 + b), sum(d^2) < count * 2^(18 + 2b) < 2^62.
+    Output: |d * gain| and |offset * sigma| < 2^61 with sigma < 2^(9 + b), so |gain|, |offset| < 2^(52 - b).
+    """
+    input_bits = min(NORM_INPUT_BITS, (62 - 18 - int(np.ceil(np.log2(count)))) // 2)
+    s_in = np.broadcast_to(np.asarray(in_scale, np.float64), (channels,))
+    unit = s_in.max() * 2.0 ** -input_bits
+    multiplier = np.floor(s_in / unit + 0.5).astype(np.int64)
+    eps_steps = int(np.floor(eps / unit ** 2 + 0.5))
+    ratio = [np.broadcast_to(np.asarray(v, np.float64) / np.asarray(out_scale, np.float64), (channels,))
+             for v in (gamma, beta)]
+    largest = max(float(np.abs(r).max()) for r in ratio)
+    shift = min(30, 52 - input_bits - max(0, int(np.ceil(np.log2(largest + 1)))))
+    if shift < 8 or eps_steps >= 2 ** 51:
+        raise HyqError(f"a norm's gain or offset ({largest:g} output steps) or epsilon ({eps_steps} grid steps)"
+                       " is too large for the integer norm")
+    gain, offset = (np.floor(r * 2.0 ** shift + 0.5).astype(np.int64) for r in ratio)
+    return NormParams(multiplier, eps_steps, gain, offset, shift)
+
+
+def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, out_dtype: str = "int8"):
+    """PrimFunc(x, z, m, g, b, zp, eps, out): a LayerNorm / GroupNorm(1) of int8 x over `reduce_axes`, quantized.
+
+        t = (x - z) * m                   each channel (along `axis`) on one integer grid, int64
+        mu = floor(sum(t) / n + 1/2)      n: the number of reduced elements
+        d = t - mu
+        sigma = max(isqrt(floor(sum(d^2) / n) + eps), 1)
+        out = clip(floor((d * g + b * sigma) / (sigma << shift) + 1/2) + zp)
+
+    z, m, g, b, zp are per channel along `axis`; eps is a 1-element int64 tensor; g and b have `shift`
+    fractional bits. isqrt is the correctly rounded float64 sqrt, floored: exact (and the same on every
+    IEEE machine) for arguments below 2^52, which norm_params keeps the variance under.
+    reference.integer_norm is its numpy twin.
+    """
+    x = te.placeholder(shape, "int8", name="x")
+    channels = shape[axis]
+    z = te.placeholder((channels,), "int32", name="z")
+    m, g, b = (te.placeholder((channels,), "int64", name=n) for n in ("m", "g", "b"))
+    zp = te.placeholder((channels,), "int32", name="zp")
+    eps = te.placeholder((1,), "int64", name="eps")
+    kept = [i for i in range(len(shape)) if i not in reduce_axes]
+    count = int(np.prod([shape[i] for i in reduce_axes]))
+    info = np.iinfo(out_dtype)
+
+    def t_of(i):
+        return (x(*i).astype("int64") - z[i[axis]].astype("int64")) * m[i[axis]]
+
+    def full_index(row, red):
+        index, r, k = [None] * len(shape), iter(row), iter(red)
+        for i in range(len(shape)):
+            index[i] = next(k) if i in reduce_axes else next(r)
+        return index
+
+    row_shape = [shape[i] for i in kept]
+
+    def reduce(name, value):
+        def body(*row):
+            red = [te.reduce_axis((0, shape[i]), name=f"{name}{i}") for i in reduce_axes]
+            return te.sum(value(full_index(row, red), row), axis=red)
+        return te.compute(row_shape, body, name=name)
+
+    total = reduce("total", lambda i, row: t_of(i))
+    mean = te.compute(row_shape, lambda *row: tirx.floordiv(total(*row) + count // 2, count), name="mean")
+    square = reduce("square", lambda i, row: (t_of(i) - mean(*row)) * (t_of(i) - mean(*row)))
+
+    def sigma_of(*row):
+        var = tirx.floordiv(square(*row), count) + eps[0]
+        return te.max(tirx.floor(tirx.sqrt(var.astype("float64"))).astype("int64"), tirx.const(1, "int64"))
+
+    sigma = te.compute(row_shape, sigma_of, name="sigma")
+
+    def body(*i):
+        row = [i[k] for k in kept]
+        ch = i[axis]
+        s = sigma(*row)
+        num = (t_of(i) - mean(*row)) * g[ch] + b[ch] * s + (s << (shift - 1))
+        out = tirx.floordiv(num, s << shift) + zp[ch].astype("int64")
+        return te.max(te.min(out, int(info.max)), int(info.min)).astype(out_dtype)
+
+    return te.create_prim_func([x, z, m, g, b, zp, eps, te.compute(shape, body, name="norm")])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import HyqError
-from .kernels import PROB_BITS
+from .kernels import PROB_BITS, NormParams
 from .requant import fixed_point_multiplier, requantize, rescale
 
 INT32 = np.iinfo(np.int32)
@@ -109,3 +109,21 @@ def rescaled_concat(xs, zero_points, scales, out_scale, out_zero_point, axis: in
             s_o, z_o = (v[ends[i]:ends[i + 1]] if np.ndim(v) else v for v in (s_o, z_o))
         parts.append(rescaled_sum([x], [z], [s], s_o, z_o, axis, out_dtype))
     return np.concatenate(parts, axis=dim)
+
+
+def integer_norm(x_q, zero_point, params: NormParams, out_zero_point, axis: int, reduce_axes: tuple[int, ...],
+                 out_dtype: str = "int8") -> np.ndarray:
+    """A LayerNorm / GroupNorm(1) of an int8 tensor over `reduce_axes`, on the integer grid of `params`,
+    requantized: round(d * gain / sigma + offset) + z_o, sigma = max(isqrt(mean(d^2) + eps), 1)."""
+    ndim = np.ndim(x_q)
+    t = (np.asarray(x_q, np.int64) - along(zero_point, axis, ndim).astype(np.int64)) * along(params.multiplier, axis, ndim)
+    count = int(np.prod([np.shape(x_q)[i] for i in reduce_axes]))
+    mean = (t.sum(axis=reduce_axes, keepdims=True) + count // 2) // count
+    d = t - mean
+    var = (d * d).sum(axis=reduce_axes, keepdims=True) // count + params.eps
+    sigma = np.maximum(np.floor(np.sqrt(var.astype(np.float64))).astype(np.int64), 1)
+    gain, offset = (along(v, axis, ndim) for v in (params.gain, params.offset))
+    num = d * gain + offset * sigma + (sigma << (params.shift - 1))
+    out = num // (sigma << params.shift) + along(out_zero_point, axis, ndim).astype(np.int64)
+    info = np.iinfo(out_dtype)
+    return np.clip(out, info.min, info.max).astype(out_dtype)

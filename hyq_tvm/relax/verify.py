@@ -80,6 +80,9 @@ def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.nda
         if layer.op == "add":
             return ref.rescaled_sum(*args, layer.out_dtype)
         return ref.rescaled_concat(*args, layer.attrs["dim"], layer.out_dtype)
+    if layer.op == "norm":
+        return ref.integer_norm(a, layer.zero_points[0], layer.attrs["params"], layer.out_zero_point, layer.axis,
+                                layer.attrs["reduce_axes"], layer.out_dtype)
     if layer.op == "softmax":
         return ref.requantize_acc(ref.softmax_probs(a, layer.attrs["table"]), layer.acc_scale, layer.out_scale,
                                   layer.out_zero_point, layer.axis, layer.out_dtype)
