@@ -71,7 +71,8 @@ def export_onnx(plan: QuantPlan, path: str | Path, weights: str | Path | None = 
     if onnx_program is None:
         raise HyqError("torch.onnx.export returned no model")
     for cleanup in (passes.RemoveUnusedNodesPass(), passes.LiftConstantsToInitializersPass(),
-                    passes.RemoveUnusedOpsetsPass()):  # the float weights the int8 ones replace, and the like
+                    passes.RemoveUnusedOpsetsPass(),  # the float weights the int8 ones replace, and the like
+                    passes.ClearMetadataAndDocStringPass()):  # the exporter's stack traces: 2/3 of the file
         cleanup(onnx_program.model)
     with atomic_path(Path(path)) as tmp:
         onnx_program.save(str(tmp), external_data=False)

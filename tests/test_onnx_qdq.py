@@ -52,6 +52,8 @@ def test_every_plan_tensor_becomes_a_qdq_pair(plan_w4, onnx_file):
         assert values.min() >= -8 and values.max() <= 7
     assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4], \
         "a float conv weight is left in the QDQ model"
+    tensors = sum(i.ByteSize() for i in graph.initializer)  # the file is its tensors plus a small graph
+    assert onnx_file.stat().st_size < tensors + 250_000, (onnx_file.stat().st_size, tensors)
 
 
 @pytest.mark.slow
