@@ -29,6 +29,9 @@ rescales each input to the output grid and concatenates int8 tensors.
 
 A softmax whose input and output are quantized (full mode), quantize(softmax(dequantize(x_q), last axis)),
 becomes the integer softmax of kernels.py: exp from a 256-entry Q30 table, Q30 probabilities, requantized.
+An elementwise function of a dequantized int8 tensor that is quantized again, quantize(f(dequantize(x_q)))
+for f in ELEMENTWISE (ReLU, clip and ReLU6, GELU, SiLU, sigmoid, tanh, leaky ReLU), becomes a lookup in a
+256-entry int8 table (one per channel for channel-wise parameters) computed here in float64.
 A quantized LayerNorm over the last axis (or GroupNorm with one group) of a dequantized int8 tensor, with
 per-channel input scales (full mode), becomes the integer norm of kernels.py: all channels on one integer
 grid, int64 mean and variance, an integer square root, and the affine output in fixed point.
@@ -39,6 +42,7 @@ bit-exact check of verify.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,8 +53,8 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from ..errors import HyqError
 from .importer import marked_layer
-from .kernels import (PROB_BITS, norm_params, norm_primfunc, requantize_primfunc, rescale_primfunc,
-                      softmax_primfunc, softmax_table)
+from .kernels import (PROB_BITS, lookup_primfunc, lookup_table, norm_params, norm_primfunc, requantize_primfunc,
+                      rescale_primfunc, softmax_primfunc, softmax_table)
 from .reference import INT32, along
 from .requant import fixed_point_multiplier, rescale_params, rounding_term, shifts
 
@@ -98,15 +102,15 @@ class IntegerLayer:
 
     result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
     when out_scale is set, else dequantize_acc(OP(...), acc_scale); for a softmax OP is softmax_probs with
-    attrs["table"]; a norm is reference.integer_norm, an add / concat requant.rescale of its inputs (both
-    leave acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
+    attrs["table"]; a norm is reference.integer_norm, a lookup reference.lookup, an add / concat
+    requant.rescale of its inputs (these leave acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
     is both requantized and used in float (a residual) has one record per result.
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
-    op: str                   # "conv2d", "matmul", "softmax", "norm", "add" or "concat"
+    op: str                   # "conv2d", "matmul", "softmax", "norm", "lookup", "add" or "concat"
     attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes;
-                              # softmax: table; norm: params (NormParams), reduce_axes;
+                              # softmax, lookup: table; norm: params (NormParams), reduce_axes;
                               # add / concat: scales (one per input, along axis), dim (concat)
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
@@ -143,6 +147,44 @@ def _norm_pattern():
     group_norm = is_op("relax.nn.group_norm")(dq, is_const(), is_const())
     root = is_op("relax.quantize")(layer_norm | group_norm, is_const(), is_const())
     return root, {"layer_norm": layer_norm, "group_norm": group_norm, "input": dq}
+
+
+def _erf(v: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf)(v)
+
+
+def _elementwise(call: relax.Call):
+    """The numpy float64 function of an elementwise Relax call (ELEMENTWISE)."""
+    name = call.op.name
+    if name == "relax.clip":
+        low, high = (float(getattr(v.value, "value", v.value)) for v in call.args[1:])
+        return lambda v: np.clip(v, low, high)
+    if name == "relax.nn.leakyrelu":
+        alpha = float(call.attrs.alpha)
+        return lambda v: np.where(v >= 0, v, alpha * v)
+    return ELEMENTWISE[name]
+
+
+ELEMENTWISE = {
+    "relax.nn.relu": lambda v: np.maximum(v, 0.0),
+    "relax.nn.leakyrelu": None,  # alpha from the call
+    "relax.clip": None,          # bounds from the call
+    "relax.nn.gelu": lambda v: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0))),
+    "relax.nn.gelu_tanh": lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3))),
+    "relax.nn.silu": lambda v: v / (1.0 + np.exp(-v)),
+    "relax.sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
+    "relax.tanh": np.tanh,
+}
+
+
+def _lookup_pattern():
+    """(root, named sub-patterns) of quantize(f(dequantize(x_q))) for an elementwise f of ELEMENTWISE."""
+    dq = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
+    unary = [is_op(name)(dq) for name in ELEMENTWISE if name != "relax.clip"]
+    func = unary[0]
+    for other in unary[1:] + [is_op("relax.clip")(dq, wildcard(), wildcard())]:
+        func = func | other
+    return is_op("relax.quantize")(func, is_const(), is_const()), {"func": func, "input": dq}
 
 
 def _rescale_patterns():
@@ -332,6 +374,7 @@ class _Integerizer:
         self.softmax_root, self.softmax_pattern = _softmax_pattern()
         self.rescale_root, self.rescale_pattern = _rescale_patterns()
         self.norm_root, self.norm_pattern = _norm_pattern()
+        self.lookup_root, self.lookup_pattern = _lookup_pattern()
         self.layers: dict[relax.Var, IntegerLayer] = {}
 
     def where(self, func_name: str, func: relax.Function, call: relax.Call) -> str:
@@ -535,6 +578,31 @@ class _Integerizer:
             return relax.call_tir(gv, [x.data, *_consts(arrays)], relax.TensorType(shape, out_dtype))
         return rewrite
 
+    def lookup(self, func_name: str, func: relax.Function):
+        """Rewriter for quantize(f(dequantize(x_q))) of an elementwise f: a 256-entry table per channel."""
+        def rewrite(root: relax.Call, m: dict) -> relax.Expr:
+            call, dq = m[self.lookup_pattern["func"]], m[self.lookup_pattern["input"]]
+            where = self.where(func_name, func, call)
+            shape = _shape(root, where)
+            x, out = _operand(dq, where), _operand_like(root, where)
+            axes = {o.axis for o in (x, out) if _uniform(o.scale) is None or _uniform(o.zero_point) is None}
+            if len(axes) > 1:
+                return root
+            axis = axes.pop() if axes else out.axis
+            args = [_per_channel(v, o, axis, shape[axis], what, where) for v, o, what in (
+                (x.scale, x, "the input scale"), (x.zero_point, x, "the input zero point"),
+                (out.scale, out, "the output scale"), (out.zero_point, out, "the output zero point"))]
+            out_dtype = str(root.attrs.out_dtype)
+            channels = max(np.size(a) for a in args)
+            table = lookup_table(_elementwise(call), *args, channels, out_dtype)
+            key = ("lookup", shape, axis, channels, out_dtype)
+            gv = self.kernel(key, lambda: lookup_primfunc(*key[1:]))
+            self.record(func_name, func, root, dq, "lookup", {"table": table}, (x.data,), None, (x.zero_point,),
+                        bias=None, acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale,
+                        out_zero_point=out.zero_point, out_dtype=out_dtype)
+            return relax.call_tir(gv, [x.data, relax.const(table, out_dtype)], relax.TensorType(shape, out_dtype))
+        return rewrite
+
     def dequantized(self, func_name: str, func: relax.Function):
         """Rewriter for a core whose output stays float: int32 accumulation, then one float multiply."""
         def rewrite(op: relax.Call, m: dict) -> relax.Expr:
@@ -558,6 +626,7 @@ class _Integerizer:
                 func = _rewrite(self.softmax_root, self.softmax(name, func), func)
                 func = _rewrite(self.rescale_root, self.rescaled(name, func), func)
                 func = _rewrite(self.norm_root, self.norm(name, func), func)
+                func = _rewrite(self.lookup_root, self.lookup(name, func), func)
                 self.builder.update_func(gv, relax.analysis.remove_all_unused(func))
         return self.builder.get()
 

@@ -1,5 +1,5 @@
-"""The TIR kernels of the integer graph: requantization, rescaled sums (residual adds, concatenations)
-and the integer softmax and normalization of full mode.
+"""The TIR kernels of the integer graph: requantization, rescaled sums (residual adds, concatenations),
+table lookups (elementwise functions of int8 tensors) and the integer softmax and normalization of full mode.
 
 All end in the fixed-point requantization of requant.py; reference.py is their numpy twin.
 """
@@ -70,6 +70,30 @@ def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: st
         return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
 
     return te.create_prim_func([*xs, z, k, c, rs, zp, te.compute(shape, body, name="rescale")])
+
+
+def lookup_primfunc(shape, axis: int, channels: int, out_dtype: str = "int8"):
+    """PrimFunc(x, table, out): out = table[channel, x + 128] for an int8 x; table is (channels, 256) of
+    out_dtype, one row per channel along `axis` (one in all when channels is 1). reference.lookup is its twin."""
+    x = te.placeholder(shape, "int8", name="x")
+    table = te.placeholder((channels, 256), out_dtype, name="table")
+
+    def body(*i):
+        return table[i[axis] if channels > 1 else 0, x(*i).astype("int32") + 128]
+
+    return te.create_prim_func([x, table, te.compute(shape, body, name="lookup")])
+
+
+def lookup_table(func, in_scale, in_zero_point, out_scale, out_zero_point, channels: int,
+                 out_dtype: str = "int8") -> np.ndarray:
+    """(channels, 256) table of quantize(func(dequantize(q))) for every int8 q: func on float64 values, rounded
+    half to even like the fake-quant model. Scales and zero points are () or (channels,)."""
+    q = np.arange(-128, 128, dtype=np.float64)
+    col = [np.broadcast_to(np.asarray(v, np.float64), (channels,))[:, None]
+           for v in (in_scale, in_zero_point, out_scale, out_zero_point)]
+    s_in, z_in, s_o, z_o = col
+    info = np.iinfo(out_dtype)
+    return np.clip(np.round(func(s_in * (q - z_in)) / s_o) + z_o, info.min, info.max).astype(out_dtype)
 
 
 def softmax_table(scale: float) -> np.ndarray:

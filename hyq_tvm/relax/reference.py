@@ -127,3 +127,11 @@ def integer_norm(x_q, zero_point, params: NormParams, out_zero_point, axis: int,
     out = num // (sigma << params.shift) + along(out_zero_point, axis, ndim).astype(np.int64)
     info = np.iinfo(out_dtype)
     return np.clip(out, info.min, info.max).astype(out_dtype)
+
+
+def lookup(x_q, table, axis: int) -> np.ndarray:
+    """table[channel, x + 128] of an int8 tensor: one 256-entry row per channel along `axis`, or one row."""
+    x = np.asarray(x_q, np.int64) + 128
+    if table.shape[0] == 1:
+        return table[0][x]
+    return table[np.arange(table.shape[0]).reshape([-1 if i == axis % x.ndim else 1 for i in range(x.ndim)]), x]

@@ -80,6 +80,8 @@ def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.nda
         if layer.op == "add":
             return ref.rescaled_sum(*args, layer.out_dtype)
         return ref.rescaled_concat(*args, layer.attrs["dim"], layer.out_dtype)
+    if layer.op == "lookup":
+        return ref.lookup(a, layer.attrs["table"], layer.axis)
     if layer.op == "norm":
         return ref.integer_norm(a, layer.zero_points[0], layer.attrs["params"], layer.out_zero_point, layer.axis,
                                 layer.attrs["reduce_axes"], layer.out_dtype)
