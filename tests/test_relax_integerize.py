@@ -410,9 +410,10 @@ def test_relu_and_clip_after_a_layer_are_integer_clamps(act):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_residual_add_becomes_the_rescale_kernel(per_channel):
-    """quantize(dequantize(a) + dequantize(b)): one rescaled int64 sum, rounded once; the float add is gone."""
+    """quantize(dequantize(a) + dequantize(b)): one rescaled int64 sum, rounded once; the float add is gone.
+    b is a flipped a (one graph input, so that verify.py checks the layer from its own inputs)."""
     shape = (1, 6, 5, 5)
-    a, b = int8(shape), int8(shape)
+    a = int8(shape)
     if per_channel:
         s_a, z_a = scales(6, 0.01, 0.05), RNG.integers(-10, 10, 6).astype(np.int8)
         s_o, z_o = scales(6, 0.03, 0.08), RNG.integers(-5, 5, 6).astype(np.int8)
@@ -420,16 +421,16 @@ def test_residual_add_becomes_the_rescale_kernel(per_channel):
         s_a, z_a, s_o, z_o = np.float32(0.03), np.int8(7), np.float32(0.05), np.int8(-3)
     s_b, z_b = np.float32(0.011), np.int8(-20)
 
-    def body(bb, av, bv):
+    def body(bb, av):
+        bv = bb.emit(relax.op.flip(av, axis=3))
         y = bb.emit(relax.op.add(bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))))
         return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
 
-    mod = module({"a": (shape, "int8"), "b": (shape, "int8")}, body)
-    out, layers = integerize_layers(mod)
-    assert [layer.op for layer in layers] == ["add"] and "R.add" not in out["main"].script()
-    got = run(out, a, b)
-    np.testing.assert_array_equal(got, ref.rescaled_sum([a, b], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
-    assert np.abs(run(mod, a, b).astype(np.int32) - got).max() <= 1
+    mod = module({"a": (shape, "int8")}, body)
+    got = assert_layers_bitexact(mod, a, ["add"])
+    assert "R.add" not in integerize(mod)["main"].script()
+    np.testing.assert_array_equal(got, ref.rescaled_sum([a, a[..., ::-1]], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
+    assert np.abs(run(mod, a).astype(np.int32) - got).max() <= 1
 
 
 def test_rescale_rounds_the_exact_sum_once():
@@ -453,22 +454,25 @@ def test_rescale_rounds_the_exact_sum_once():
 @pytest.mark.parametrize("out_per_channel", [False, True])
 def test_concat_rescales_each_input_to_the_output_grid(out_per_channel):
     """quantize(concat([dequantize(a), dequantize(b)], axis=1)): each input rescaled, int8 concatenated;
-    per-channel output parameters along the concatenated axis are split between the inputs."""
-    a, b = int8((1, 3, 4, 4)), int8((1, 5, 4, 4))
-    s_a, z_a, s_b, z_b = np.float32(0.02), np.int8(1), scales(5, 0.01, 0.04), RNG.integers(-9, 9, 5).astype(np.int8)
+    per-channel output parameters along the concatenated axis are split between the inputs (b: a's first
+    three channels, flipped)."""
+    a = int8((1, 5, 4, 4))
+    s_a, z_a = scales(5, 0.01, 0.04), RNG.integers(-9, 9, 5).astype(np.int8)
+    s_b, z_b = np.float32(0.02), np.int8(1)
     s_o, z_o = ((scales(8, 0.02, 0.05), RNG.integers(-4, 4, 8).astype(np.int8)) if out_per_channel
                 else (np.float32(0.03), np.int8(2)))
 
-    def body(bb, av, bv):
+    def body(bb, av):
+        bv = bb.emit(relax.op.flip(bb.emit(relax.op.strided_slice(av, axes=[1], begin=[0], end=[3])), axis=2))
         y = bb.emit(relax.op.concat([bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))], axis=1))
         return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
 
-    mod = module({"a": (a.shape, "int8"), "b": (b.shape, "int8")}, body)
-    out, layers = integerize_layers(mod)
-    assert [layer.op for layer in layers] == ["concat"] and "R.dequantize" not in out["main"].script()
-    got = run(out, a, b)
+    mod = module({"a": (a.shape, "int8")}, body)
+    got = assert_layers_bitexact(mod, a, ["concat"])
+    assert "R.dequantize" not in integerize(mod)["main"].script()
+    b = a[:, :3, ::-1]
     np.testing.assert_array_equal(got, ref.rescaled_concat([a, b], [z_a, z_b], [s_a, s_b], s_o, z_o, 1, 1))
-    assert np.abs(run(mod, a, b).astype(np.int32) - got).max() <= 1
+    assert np.abs(run(mod, a).astype(np.int32) - got).max() <= 1
 
 
 # -- LayerNorm / GroupNorm (full mode) -------------------------------------------------------------

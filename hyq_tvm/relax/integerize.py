@@ -463,10 +463,10 @@ class _Integerizer:
         """Rewriter for a quantized add / concat of dequantized int8 tensors: the rescale kernel of kernels.py.
         Inputs that are not all dequantized int8 tensors, or scales along different axes, stay in float."""
         def rewrite(root: relax.Call, m: dict) -> relax.Expr:
-            add = m.get(self.rescale_pattern["add"])
-            op = add if add is not None else m[self.rescale_pattern["concat"]]
-            where = self.where(func_name, func, op)
             named = self.rescale_pattern
+            add = m.get(named["add"])
+            op = add if add is not None else m[named["concat"]]
+            where = self.where(func_name, func, op)
             fields = [m[named["a"]], m[named["b"]]] if add is not None else _tuple_fields(func, op.args[0])
             if fields is None or not all(_is_dequantize(f) and _dtype(f.args[0]) == "int8" for f in fields):
                 return root
@@ -479,37 +479,37 @@ class _Integerizer:
                 return root
             axis = axes.pop() if axes else out.axis
             out_dtype = str(root.attrs.out_dtype)
-            groups = [ins] if add is not None else [[o] for o in ins]
-            ends = np.cumsum([0] + [_shape(o.data, where)[dim] for o in ins]) if dim is not None else None
-            pieces, scales = [], []
-            for i, group in enumerate(groups):
-                part_shape = _shape(group[0].data, where)
-                channels = part_shape[axis]
-                s_o, z_o = out.scale, out.zero_point
-                if dim == axis:  # this input's slice of per-channel output parameters
-                    s_o, z_o = (v[ends[i]:ends[i + 1]] if v.ndim else v for v in (s_o, z_o))
-                s_o, z_o = (_per_channel(v, out, axis, channels, f"the output {what}", where)
-                            for v, what in ((s_o, "scale"), (z_o, "zero point")))
-                in_scales = [_per_channel(o.scale, o, axis, channels, "the input scale", where) for o in group]
-                z_in = [_per_channel(o.zero_point, o, axis, channels, "the input zero point", where) for o in group]
-                k, c, rs = rescale_params(in_scales, s_o)
-                width = np.broadcast(k[0], c, z_o, *z_in).size
-                params = [np.stack([np.broadcast_to(z, (width,)) for z in z_in]).astype(np.int32),
-                          np.broadcast_to(k, (len(group), width)).astype(np.int64),
-                          *(np.broadcast_to(v, (width,)).astype(t) for v, t in ((c, np.int64), (rs, np.int32),
-                                                                               (z_o, np.int32)))]
-                key = ("rescale", part_shape, axis, width, len(group), out_dtype)
-                gv = self.kernel(key, lambda: rescale_primfunc(*key[1:]))
-                pieces.append(relax.call_tir(gv, [*(o.data for o in group), *_consts(params)],
-                                             relax.TensorType(part_shape, out_dtype)))
-                scales += in_scales
+            if add is not None:
+                pieces = [self.rescale_call(ins, out.scale, out.zero_point, out, axis, where, out_dtype)]
+            else:  # each input rescaled on its own, with its slice of per-channel output parameters along dim
+                ends = np.cumsum([0] + [_shape(o.data, where)[dim] for o in ins])
+                pieces = [self.rescale_call([o], *(v[ends[i]:ends[i + 1]] if dim == axis and v.ndim else v
+                                                   for v in (out.scale, out.zero_point)), out, axis, where, out_dtype)
+                          for i, o in enumerate(ins)]
             self.record(func_name, func, root, fields[0], "add" if add is not None else "concat",
-                        {"scales": scales, "dim": dim},
-                        tuple(o.data for o in ins), None, tuple(o.zero_point for o in ins), bias=None,
-                        acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale, out_zero_point=out.zero_point,
-                        out_dtype=out_dtype)
+                        {"scales": [o.scale for o in ins], "dim": dim}, tuple(o.data for o in ins), None,
+                        tuple(o.zero_point for o in ins), bias=None, acc_scale=np.float64(1.0), axis=axis,
+                        out_scale=out.scale, out_zero_point=out.zero_point, out_dtype=out_dtype)
             return pieces[0] if add is not None else relax.op.concat(pieces, axis=dim)
         return rewrite
+
+    def rescale_call(self, ins: list[_Operand], s_o: np.ndarray, z_o: np.ndarray, out: _Operand, axis: int,
+                     where: str, out_dtype: str) -> relax.Expr:
+        """The rescale kernel summing `ins` (one shape) onto the output grid (s_o, z_o)."""
+        shape = _shape(ins[0].data, where)
+        channels = shape[axis]
+        s_o, z_o = (_per_channel(v, out, axis, channels, f"the output {what}", where)
+                    for v, what in ((s_o, "scale"), (z_o, "zero point")))
+        in_scales = [_per_channel(o.scale, o, axis, channels, "the input scale", where) for o in ins]
+        z_in = [_per_channel(o.zero_point, o, axis, channels, "the input zero point", where) for o in ins]
+        k, c, rs = rescale_params(in_scales, s_o)
+        width = np.broadcast(k[0], c, z_o, *z_in).size
+        params = [np.stack([np.broadcast_to(z, (width,)) for z in z_in]).astype(np.int32),
+                  np.broadcast_to(k, (len(ins), width)).astype(np.int64),
+                  *(np.broadcast_to(v, (width,)).astype(t) for v, t in ((c, np.int64), (rs, np.int32), (z_o, np.int32)))]
+        key = ("rescale", shape, axis, width, len(ins), out_dtype)
+        gv = self.kernel(key, lambda: rescale_primfunc(*key[1:]))
+        return relax.call_tir(gv, [*(o.data for o in ins), *_consts(params)], relax.TensorType(shape, out_dtype))
 
     def softmax(self, func_name: str, func: relax.Function):
         """Rewriter for quantize(softmax(dequantize(x_q), last axis)): the integer softmax of kernels.py.
