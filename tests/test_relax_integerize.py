@@ -554,3 +554,14 @@ def test_elementwise_function_of_int8_becomes_a_table_lookup(op, per_channel):
     got = assert_layers_bitexact(mod, x, ["lookup"])
     assert "R.dequantize" not in integerize(mod)["main"].script()
     assert np.abs(run(mod, x).astype(np.int32) - got).max() <= 1
+
+
+def test_integer_kernels_fuse_with_relax_ops():
+    """The kernels use int64 dims like TVM's own legalized ops, so FuseOps / FuseTIR (which MetaSchedule's
+    task extraction runs) can fuse them with the conv2d and the zero-point add around them."""
+    mod, x, expected = conv_case(2, True, True)
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                      relax.transform.FuseOps(), relax.transform.FuseTIR()])(integerized(mod))
+    main = fused["main"].script()
+    assert main.count("R.call_tir(") == 2 and "fused_conv2d_add_hyq_requantize" in main  # pad; conv + requantize
+    np.testing.assert_array_equal(run(fused, x), expected)

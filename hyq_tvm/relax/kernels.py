@@ -25,9 +25,14 @@ def _requantized(x, q, ls, rs, c, zp, ch, left_shift: bool, out_dtype: str):
     return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
 
 
+def _dims(shape) -> tuple:
+    """A shape as int64 dims, as Relax's own legalized kernels have them (FuseTIR matches buffers by type)."""
+    return tuple(tirx.IntImm("int64", int(d)) for d in shape)
+
+
 def _requant_params(channels: int):
-    q, ls, rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
-    return q, ls, rs, te.placeholder((channels,), "int64", name="c"), zp
+    q, ls, rs, zp = (te.placeholder(_dims((channels,)), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
+    return q, ls, rs, te.placeholder(_dims((channels,)), "int64", name="c"), zp
 
 
 def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
@@ -36,14 +41,14 @@ def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_d
     q, ls, rs, c (int64) and zp hold one value per channel along `axis` (one in all when channels is 1);
     `left_shift` says whether any ls is non-zero. requant.requantize is its numpy twin.
     """
-    acc = te.placeholder(shape, "int32", name="acc")
+    acc = te.placeholder(_dims(shape), "int32", name="acc")
     q, ls, rs, c, zp = _requant_params(channels)
 
     def body(*i):
         ch = i[axis] if channels > 1 else 0
         return _requantized(acc(*i).astype("int64"), q, ls, rs, c, zp, ch, left_shift, out_dtype)
 
-    return te.create_prim_func([acc, q, ls, rs, c, zp, te.compute(shape, body, name="requantize")])
+    return te.create_prim_func([acc, q, ls, rs, c, zp, te.compute(_dims(shape), body, name="requantize")])
 
 
 def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: str = "int8"):
@@ -54,11 +59,11 @@ def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: st
     z (int32) and k (int64) are (n, channels), c (int64), rs and zp (int32) are (channels,): one value per
     channel along `axis` (one in all when channels is 1). requant.rescale is its numpy twin.
     """
-    xs = [te.placeholder(shape, "int8", name=f"x{i}") for i in range(inputs)]
-    z = te.placeholder((inputs, channels), "int32", name="z")
-    k = te.placeholder((inputs, channels), "int64", name="k")
-    c = te.placeholder((channels,), "int64", name="c")
-    rs, zp = (te.placeholder((channels,), "int32", name=n) for n in ("rs", "zp"))
+    xs = [te.placeholder(_dims(shape), "int8", name=f"x{i}") for i in range(inputs)]
+    z = te.placeholder(_dims((inputs, channels)), "int32", name="z")
+    k = te.placeholder(_dims((inputs, channels)), "int64", name="k")
+    c = te.placeholder(_dims((channels,)), "int64", name="c")
+    rs, zp = (te.placeholder(_dims((channels,)), "int32", name=n) for n in ("rs", "zp"))
     info = np.iinfo(out_dtype)
 
     def body(*i):
@@ -69,19 +74,19 @@ def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: st
         shifted = (total >> rs[ch].astype("int64")) + zp[ch].astype("int64")
         return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
 
-    return te.create_prim_func([*xs, z, k, c, rs, zp, te.compute(shape, body, name="rescale")])
+    return te.create_prim_func([*xs, z, k, c, rs, zp, te.compute(_dims(shape), body, name="rescale")])
 
 
 def lookup_primfunc(shape, axis: int, channels: int, out_dtype: str = "int8"):
     """PrimFunc(x, table, out): out = table[channel, x + 128] for an int8 x; table is (channels, 256) of
     out_dtype, one row per channel along `axis` (one in all when channels is 1). reference.lookup is its twin."""
-    x = te.placeholder(shape, "int8", name="x")
-    table = te.placeholder((channels, 256), out_dtype, name="table")
+    x = te.placeholder(_dims(shape), "int8", name="x")
+    table = te.placeholder(_dims((channels, 256)), out_dtype, name="table")
 
     def body(*i):
         return table[i[axis] if channels > 1 else 0, x(*i).astype("int32") + 128]
 
-    return te.create_prim_func([x, table, te.compute(shape, body, name="lookup")])
+    return te.create_prim_func([x, table, te.compute(_dims(shape), body, name="lookup")])
 
 
 def lookup_table(func, in_scale, in_zero_point, out_scale, out_zero_point, channels: int,
@@ -113,20 +118,20 @@ def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtyp
     reference.softmax_probs and requant.requantize are its numpy twin.
     """
     *outer, n = shape
-    x = te.placeholder(shape, "int8", name="x")
-    table = te.placeholder((256,), "int32", name="table")
+    x = te.placeholder(_dims(shape), "int8", name="x")
+    table = te.placeholder(_dims((256,)), "int32", name="table")
     q, ls, rs, c, zp = _requant_params(channels)
     k = te.reduce_axis((0, n), name="k")
-    top = te.compute(outer, lambda *i: te.max(x(*i, k).astype("int32"), axis=k), name="top")
-    e = te.compute(shape, lambda *i: table[top(*i[:-1]) - x(*i).astype("int32")].astype("int64"), name="exp")
+    top = te.compute(_dims(outer), lambda *i: te.max(x(*i, k).astype("int32"), axis=k), name="top")
+    e = te.compute(_dims(shape), lambda *i: table[top(*i[:-1]) - x(*i).astype("int32")].astype("int64"), name="exp")
     k2 = te.reduce_axis((0, n), name="k2")
-    total = te.compute(outer, lambda *i: te.sum(e(*i, k2), axis=k2), name="total")
-    p = te.compute(shape, lambda *i: tirx.floordiv(e(*i) << PROB_BITS, total(*i[:-1])), name="prob")
+    total = te.compute(_dims(outer), lambda *i: te.sum(e(*i, k2), axis=k2), name="total")
+    p = te.compute(_dims(shape), lambda *i: tirx.floordiv(e(*i) << PROB_BITS, total(*i[:-1])), name="prob")
 
     def body(*i):
         return _requantized(p(*i), q, ls, rs, c, zp, i[axis] if channels > 1 else 0, left_shift, out_dtype)
 
-    return te.create_prim_func([x, table, q, ls, rs, c, zp, te.compute(shape, body, name="softmax")])
+    return te.create_prim_func([x, table, q, ls, rs, c, zp, te.compute(_dims(shape), body, name="softmax")])
 
 
 NORM_INPUT_BITS = 16  # at most: the widest input channel's step is 2^16 grid steps (|t| < 2^24), so that
@@ -185,12 +190,12 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
     IEEE machine) for arguments below 2^52, which norm_params keeps the variance under.
     reference.integer_norm is its numpy twin.
     """
-    x = te.placeholder(shape, "int8", name="x")
+    x = te.placeholder(_dims(shape), "int8", name="x")
     channels = shape[axis]
-    z = te.placeholder((channels,), "int32", name="z")
-    m, g, b = (te.placeholder((channels,), "int64", name=n) for n in ("m", "g", "b"))
-    zp = te.placeholder((channels,), "int32", name="zp")
-    eps = te.placeholder((1,), "int64", name="eps")
+    z = te.placeholder(_dims((channels,)), "int32", name="z")
+    m, g, b = (te.placeholder(_dims((channels,)), "int64", name=n) for n in ("m", "g", "b"))
+    zp = te.placeholder(_dims((channels,)), "int32", name="zp")
+    eps = te.placeholder(_dims((1,)), "int64", name="eps")
     kept = [i for i in range(len(shape)) if i not in reduce_axes]
     count = int(np.prod([shape[i] for i in reduce_axes]))
     info = np.iinfo(out_dtype)
@@ -210,17 +215,17 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
         def body(*row):
             red = [te.reduce_axis((0, shape[i]), name=f"{name}{i}") for i in reduce_axes]
             return te.sum(value(full_index(row, red), row), axis=red)
-        return te.compute(row_shape, body, name=name)
+        return te.compute(_dims(row_shape), body, name=name)
 
     total = reduce("total", lambda i, row: t_of(i))
-    mean = te.compute(row_shape, lambda *row: tirx.floordiv(total(*row) + count // 2, count), name="mean")
+    mean = te.compute(_dims(row_shape), lambda *row: tirx.floordiv(total(*row) + count // 2, count), name="mean")
     square = reduce("square", lambda i, row: (t_of(i) - mean(*row)) * (t_of(i) - mean(*row)))
 
     def sigma_of(*row):
         var = tirx.floordiv(square(*row), count) + eps[0]
         return te.max(tirx.floor(tirx.sqrt(var.astype("float64"))).astype("int64"), tirx.const(1, "int64"))
 
-    sigma = te.compute(row_shape, sigma_of, name="sigma")
+    sigma = te.compute(_dims(row_shape), sigma_of, name="sigma")
 
     def body(*i):
         row = [i[k] for k in kept]
@@ -230,4 +235,4 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
         out = tirx.floordiv(num, s << shift) + zp[ch].astype("int64")
         return te.max(te.min(out, int(info.max)), int(info.min)).astype(out_dtype)
 
-    return te.create_prim_func([x, z, m, g, b, zp, eps, te.compute(shape, body, name="norm")])
+    return te.create_prim_func([x, z, m, g, b, zp, eps, te.compute(_dims(shape), body, name="norm")])
