@@ -9,7 +9,7 @@ images on the device and compares every output bit for bit with the host twin of
 (host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
 Writes reports/device_<key>.json and .md (one row per model). Boards started by hyq_tvm.device are
 labelled emulated: their wall-clock times say nothing about real hardware; on a board started with --icount
-the row also gets the executed instructions of one inference (QEMU plugin, to about 1e-5).
+the row also gets the exact number of instructions one inference executes in model.so and libm (QEMU plugin).
 
 The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
 reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
@@ -34,7 +34,7 @@ import numpy as np
 from .devices.fleet import parse_addr, tracker_summary
 from .errors import HyqError, run_cli
 from .fileio import atomic_path, sha256_file, write_json
-from .build import Artifact, load_artifact
+from .build import LIBRARY, Artifact, load_artifact
 from .targets import target_for_key
 
 DEFAULT_LIMIT = 200
@@ -262,7 +262,7 @@ def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
         raise HyqError(f"the session ran on {info.board}, not on a board started with --icount")
     before = set(server_counts(board))  # one session at a time: earlier ones have written their counts
     # copied into the session's folder through the rootfs, not uploaded: the upload's socket reads vary
-    name = "model.so"
+    name = LIBRARY  # the file name devices.icount.COUNTED_CODE counts the code of
     workpath = sess.get_function("tvm.rpc.server.workpath")(name)
     shutil.copyfile(remote.art.library, Path(board["rootfs"]) / workpath.lstrip("/"))
     dev = sess.cpu()

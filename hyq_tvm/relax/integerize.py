@@ -42,7 +42,9 @@ bit-exact check of verify.py.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -103,8 +105,9 @@ class IntegerLayer:
     result = requantize_acc(OP(inputs, weight, zero_points), acc_scale, out_scale, out_zero_point, bias=bias)
     when out_scale is set, else dequantize_acc(OP(...), acc_scale); for a softmax OP is softmax_probs with
     attrs["table"]; a norm is reference.integer_norm, a lookup reference.lookup, an add / concat
-    requant.rescale of its inputs (these leave acc_scale unused). `inputs` and `result` are Relax vars of the integerized function. An op whose output
-    is both requantized and used in float (a residual) has one record per result.
+    requant.rescale of its inputs (these leave acc_scale unused). `inputs` and `result` are Relax vars of
+    the integerized function. An op whose output is both requantized and used in float (a residual) has
+    one record per result.
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
@@ -153,37 +156,29 @@ def _erf(v: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf)(v)
 
 
-def _elementwise(call: relax.Call):
-    """The numpy float64 function of an elementwise Relax call (ELEMENTWISE)."""
-    name = call.op.name
-    if name == "relax.clip":
-        low, high = (float(getattr(v.value, "value", v.value)) for v in call.args[1:])
-        return lambda v: np.clip(v, low, high)
-    if name == "relax.nn.leakyrelu":
-        alpha = float(call.attrs.alpha)
-        return lambda v: np.where(v >= 0, v, alpha * v)
-    return ELEMENTWISE[name]
+def _clip_bounds(call: relax.Call) -> tuple[float, float]:
+    """(min, max) of a relax.clip call."""
+    return tuple(float(getattr(v.value, "value", v.value)) for v in call.args[1:3])
 
 
+# Elementwise Relax ops with a quantized input and output, as numpy float64 functions of (values, call).
 ELEMENTWISE = {
-    "relax.nn.relu": lambda v: np.maximum(v, 0.0),
-    "relax.nn.leakyrelu": None,  # alpha from the call
-    "relax.clip": None,          # bounds from the call
-    "relax.nn.gelu": lambda v: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0))),
-    "relax.nn.gelu_tanh": lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3))),
-    "relax.nn.silu": lambda v: v / (1.0 + np.exp(-v)),
-    "relax.sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
-    "relax.tanh": np.tanh,
+    "relax.nn.relu": lambda v, call: np.maximum(v, 0.0),
+    "relax.nn.leakyrelu": lambda v, call: np.where(v >= 0, v, float(call.attrs.alpha) * v),
+    "relax.clip": lambda v, call: np.clip(v, *_clip_bounds(call)),
+    "relax.nn.gelu": lambda v, call: 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0))),
+    "relax.nn.gelu_tanh": lambda v, call: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3))),
+    "relax.nn.silu": lambda v, call: v / (1.0 + np.exp(-v)),
+    "relax.sigmoid": lambda v, call: 1.0 / (1.0 + np.exp(-v)),
+    "relax.tanh": lambda v, call: np.tanh(v),
 }
 
 
 def _lookup_pattern():
     """(root, named sub-patterns) of quantize(f(dequantize(x_q))) for an elementwise f of ELEMENTWISE."""
     dq = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
-    unary = [is_op(name)(dq) for name in ELEMENTWISE if name != "relax.clip"]
-    func = unary[0]
-    for other in unary[1:] + [is_op("relax.clip")(dq, wildcard(), wildcard())]:
-        func = func | other
+    funcs = [is_op(name)(dq, *((wildcard(), wildcard()) if name == "relax.clip" else ())) for name in ELEMENTWISE]
+    func = functools.reduce(operator.or_, funcs)
     return is_op("relax.quantize")(func, is_const(), is_const()), {"func": func, "input": dq}
 
 
@@ -448,8 +443,7 @@ class _Integerizer:
             out_dtype = str(root.attrs.out_dtype)
             key = ("requantize", shape, axis, params[0].size, bool(np.any(params[1])), out_dtype)
             gv = self.kernel(key, lambda: requantize_primfunc(*key[1:]))
-            out_ty = relax.TensorType(shape, out_dtype)
-            result = relax.call_tir(gv, [acc, *_consts(params)], out_ty)
+            result = relax.call_tir(gv, [acc, *_consts(params)], relax.TensorType(shape, out_dtype))
             clamp = _clamp(m, n, s_o, z_o, out_dtype)
             if clamp is not None:
                 low, high = (relax.const(along(v, axis, len(shape)).astype(out_dtype), out_dtype) for v in clamp)
@@ -474,7 +468,7 @@ class _Integerizer:
             out = _operand_like(root, where)
             dim = int(op.attrs.axis) % len(shape) if add is None else None
             ins = [_operand(f, where) for f in fields]
-            axes = {o.axis for o in (out, *ins) if _uniform(o.scale) is None or _uniform(o.zero_point) is None}
+            axes = _channel_axes(out, *ins)
             if len(axes) > 1 or (add is not None and any(_shape(o.data, where) != shape for o in ins)):
                 return root
             axis = axes.pop() if axes else out.axis
@@ -506,7 +500,8 @@ class _Integerizer:
         width = np.broadcast(k[0], c, z_o, *z_in).size
         params = [np.stack([np.broadcast_to(z, (width,)) for z in z_in]).astype(np.int32),
                   np.broadcast_to(k, (len(ins), width)).astype(np.int64),
-                  *(np.broadcast_to(v, (width,)).astype(t) for v, t in ((c, np.int64), (rs, np.int32), (z_o, np.int32)))]
+                  *(np.broadcast_to(v, (width,)).astype(t)
+                    for v, t in ((c, np.int64), (rs, np.int32), (z_o, np.int32)))]
         key = ("rescale", shape, axis, width, len(ins), out_dtype)
         gv = self.kernel(key, lambda: rescale_primfunc(*key[1:]))
         return relax.call_tir(gv, [*(o.data for o in ins), *_consts(params)], relax.TensorType(shape, out_dtype))
@@ -558,8 +553,7 @@ class _Integerizer:
                          and bool(call.attrs.center) and bool(call.attrs.scale))
             x = _operand(m[named["input"]], where)
             out = _operand_like(root, where)
-            per_channel = [o.axis for o in (x, out) if _uniform(o.scale) is None or _uniform(o.zero_point) is None]
-            if not plain or any(a != axis for a in per_channel):
+            if not plain or not _channel_axes(x, out) <= {axis}:
                 return root
             channels = shape[axis]
             z_in, z_o = (np.broadcast_to(o.zero_point, (channels,)) for o in (x, out))
@@ -585,7 +579,7 @@ class _Integerizer:
             where = self.where(func_name, func, call)
             shape = _shape(root, where)
             x, out = _operand(dq, where), _operand_like(root, where)
-            axes = {o.axis for o in (x, out) if _uniform(o.scale) is None or _uniform(o.zero_point) is None}
+            axes = _channel_axes(x, out)
             if len(axes) > 1:
                 return root
             axis = axes.pop() if axes else out.axis
@@ -594,7 +588,7 @@ class _Integerizer:
                 (out.scale, out, "the output scale"), (out.zero_point, out, "the output zero point"))]
             out_dtype = str(root.attrs.out_dtype)
             channels = max(np.size(a) for a in args)
-            table = lookup_table(_elementwise(call), *args, channels, out_dtype)
+            table = lookup_table(functools.partial(ELEMENTWISE[call.op.name], call=call), *args, channels, out_dtype)
             key = ("lookup", shape, axis, channels, out_dtype)
             gv = self.kernel(key, lambda: lookup_primfunc(*key[1:]))
             self.record(func_name, func, root, dq, "lookup", {"table": table}, (x.data,), None, (x.zero_point,),
@@ -653,6 +647,11 @@ def _rewrite(pattern, rewriter, func: relax.Function) -> relax.Function:
     return out
 
 
+def _channel_axes(*operands: _Operand) -> set[int]:
+    """The axes along which the operands' scales or zero points vary (empty: all per tensor)."""
+    return {o.axis for o in operands if _uniform(o.scale) is None or _uniform(o.zero_point) is None}
+
+
 def _is_dequantize(expr: relax.Expr) -> bool:
     return isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.dequantize") and all(
         isinstance(a, tvm.ir.expr.Constant) for a in expr.args[1:])
@@ -673,8 +672,7 @@ def _clamp(m: dict, named: dict, s_o: np.ndarray, z_o: np.ndarray, out_dtype: st
     if named["relu"] in m:
         low, high = np.asarray(z_o, np.float64), np.float64(info.max)
     elif named["clip"] in m:
-        a_min, a_max = (float(getattr(v.value, "value", v.value)) for v in m[named["clip"]].args[1:])
-        low, high = (np.round(np.clip(v / s_o, -2.0 ** 40, 2.0 ** 40)) + z_o for v in (a_min, a_max))
+        low, high = (np.round(np.clip(v / s_o, -2.0 ** 40, 2.0 ** 40)) + z_o for v in _clip_bounds(m[named["clip"]]))
     else:
         return None
     return tuple(np.clip(v, info.min, info.max).astype(np.int64) for v in (low, high))

@@ -1,7 +1,7 @@
 """The TIR kernels of the integer graph: requantization, rescaled sums (residual adds, concatenations),
 table lookups (elementwise functions of int8 tensors) and the integer softmax and normalization of full mode.
 
-All end in the fixed-point requantization of requant.py; reference.py is their numpy twin.
+The requantizing ones end in the fixed-point rule of requant.py; reference.py is their numpy twin.
 """
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ from ..errors import HyqError
 PROB_BITS = 30  # softmax probabilities and exp table entries are Q30 integers
 
 
+def _saturated(value, out_dtype: str):
+    """An int64 value clipped to the range of `out_dtype` and cast to it."""
+    info = np.iinfo(out_dtype)
+    return te.max(te.min(value, int(info.max)), int(info.min)).astype(out_dtype)
+
+
 def _requantized(x, q, ls, rs, c, zp, ch, left_shift: bool, out_dtype: str):
     """clip((((x << ls) * q + c) >> rs) + zp, qmin, qmax) for an int64 x, parameters of channel `ch`."""
-    info = np.iinfo(out_dtype)
     if left_shift:
         x = x << ls[ch].astype("int64")
     r = (x * q[ch].astype("int64") + c[ch]) >> rs[ch].astype("int64")
-    shifted = r + zp[ch].astype("int64")
-    return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
+    return _saturated(r + zp[ch].astype("int64"), out_dtype)
 
 
 def _dims(shape) -> tuple:
@@ -30,9 +34,13 @@ def _dims(shape) -> tuple:
     return tuple(tirx.IntImm("int64", int(d)) for d in shape)
 
 
+def _placeholder(shape, dtype: str, name: str) -> te.Tensor:
+    return te.placeholder(_dims(shape), dtype, name=name)
+
+
 def _requant_params(channels: int):
-    q, ls, rs, zp = (te.placeholder(_dims((channels,)), "int32", name=n) for n in ("q", "ls", "rs", "zp"))
-    return q, ls, rs, te.placeholder(_dims((channels,)), "int64", name="c"), zp
+    q, ls, rs, zp = (_placeholder((channels,), "int32", n) for n in ("q", "ls", "rs", "zp"))
+    return q, ls, rs, _placeholder((channels,), "int64", "c"), zp
 
 
 def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
@@ -41,7 +49,7 @@ def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_d
     q, ls, rs, c (int64) and zp hold one value per channel along `axis` (one in all when channels is 1);
     `left_shift` says whether any ls is non-zero. requant.requantize is its numpy twin.
     """
-    acc = te.placeholder(_dims(shape), "int32", name="acc")
+    acc = _placeholder(shape, "int32", "acc")
     q, ls, rs, c, zp = _requant_params(channels)
 
     def body(*i):
@@ -59,20 +67,18 @@ def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: st
     z (int32) and k (int64) are (n, channels), c (int64), rs and zp (int32) are (channels,): one value per
     channel along `axis` (one in all when channels is 1). requant.rescale is its numpy twin.
     """
-    xs = [te.placeholder(_dims(shape), "int8", name=f"x{i}") for i in range(inputs)]
-    z = te.placeholder(_dims((inputs, channels)), "int32", name="z")
-    k = te.placeholder(_dims((inputs, channels)), "int64", name="k")
-    c = te.placeholder(_dims((channels,)), "int64", name="c")
-    rs, zp = (te.placeholder(_dims((channels,)), "int32", name=n) for n in ("rs", "zp"))
-    info = np.iinfo(out_dtype)
+    xs = [_placeholder(shape, "int8", f"x{i}") for i in range(inputs)]
+    z = _placeholder((inputs, channels), "int32", "z")
+    k = _placeholder((inputs, channels), "int64", "k")
+    c = _placeholder((channels,), "int64", "c")
+    rs, zp = (_placeholder((channels,), "int32", n) for n in ("rs", "zp"))
 
     def body(*i):
         ch = i[axis] if channels > 1 else 0
         total = c[ch]
         for j, x in enumerate(xs):
             total = total + (x(*i).astype("int64") - z[j, ch].astype("int64")) * k[j, ch]
-        shifted = (total >> rs[ch].astype("int64")) + zp[ch].astype("int64")
-        return te.max(te.min(shifted, int(info.max)), int(info.min)).astype(out_dtype)
+        return _saturated((total >> rs[ch].astype("int64")) + zp[ch].astype("int64"), out_dtype)
 
     return te.create_prim_func([*xs, z, k, c, rs, zp, te.compute(_dims(shape), body, name="rescale")])
 
@@ -80,8 +86,8 @@ def rescale_primfunc(shape, axis: int, channels: int, inputs: int, out_dtype: st
 def lookup_primfunc(shape, axis: int, channels: int, out_dtype: str = "int8"):
     """PrimFunc(x, table, out): out = table[channel, x + 128] for an int8 x; table is (channels, 256) of
     out_dtype, one row per channel along `axis` (one in all when channels is 1). reference.lookup is its twin."""
-    x = te.placeholder(_dims(shape), "int8", name="x")
-    table = te.placeholder(_dims((channels, 256)), out_dtype, name="table")
+    x = _placeholder(shape, "int8", "x")
+    table = _placeholder((channels, 256), out_dtype, "table")
 
     def body(*i):
         return table[i[axis] if channels > 1 else 0, x(*i).astype("int32") + 128]
@@ -118,8 +124,8 @@ def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtyp
     reference.softmax_probs and requant.requantize are its numpy twin.
     """
     *outer, n = shape
-    x = te.placeholder(_dims(shape), "int8", name="x")
-    table = te.placeholder(_dims((256,)), "int32", name="table")
+    x = _placeholder(shape, "int8", "x")
+    table = _placeholder((256,), "int32", "table")
     q, ls, rs, c, zp = _requant_params(channels)
     k = te.reduce_axis((0, n), name="k")
     top = te.compute(_dims(outer), lambda *i: te.max(x(*i, k).astype("int32"), axis=k), name="top")
@@ -190,15 +196,14 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
     IEEE machine) for arguments below 2^52, which norm_params keeps the variance under.
     reference.integer_norm is its numpy twin.
     """
-    x = te.placeholder(_dims(shape), "int8", name="x")
+    x = _placeholder(shape, "int8", "x")
     channels = shape[axis]
-    z = te.placeholder(_dims((channels,)), "int32", name="z")
-    m, g, b = (te.placeholder(_dims((channels,)), "int64", name=n) for n in ("m", "g", "b"))
-    zp = te.placeholder(_dims((channels,)), "int32", name="zp")
-    eps = te.placeholder(_dims((1,)), "int64", name="eps")
+    z = _placeholder((channels,), "int32", "z")
+    m, g, b = (_placeholder((channels,), "int64", n) for n in ("m", "g", "b"))
+    zp = _placeholder((channels,), "int32", "zp")
+    eps = _placeholder((1,), "int64", "eps")
     kept = [i for i in range(len(shape)) if i not in reduce_axes]
     count = int(np.prod([shape[i] for i in reduce_axes]))
-    info = np.iinfo(out_dtype)
 
     def t_of(i):
         return (x(*i).astype("int64") - z[i[axis]].astype("int64")) * m[i[axis]]
@@ -232,7 +237,6 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
         ch = i[axis]
         s = sigma(*row)
         num = (t_of(i) - mean(*row)) * g[ch] + b[ch] * s + (s << (shift - 1))
-        out = tirx.floordiv(num, s << shift) + zp[ch].astype("int64")
-        return te.max(te.min(out, int(info.max)), int(info.min)).astype(out_dtype)
+        return _saturated(tirx.floordiv(num, s << shift) + zp[ch].astype("int64"), out_dtype)
 
     return te.create_prim_func([x, z, m, g, b, zp, eps, te.compute(_dims(shape), body, name="norm")])
