@@ -39,3 +39,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class RowCache:
+    """Finished report rows keyed by what produced them, kept on disk across interrupted runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, make) -> dict:
+        """The row for `key`, made by `make()` and saved the first time."""
+        if key not in self.rows:
+            self.rows[key] = make()
+            write_json(self.path, self.rows)
+        return self.rows[key]

@@ -25,7 +25,7 @@ import torch
 from onnxscript import opset21 as op
 
 from .errors import HyqError
-from .evaluate import quantized_model
+from .quant.prepare import quantized_model
 from .fileio import atomic_path
 from .quant.marks import export_marked
 from .quant.plan import QuantPlan
@@ -44,7 +44,7 @@ def _translation(model: torch.nn.Module, plan: QuantPlan):
     def mark(x, layer: str, role: str):
         entry = plan.layers[layer]
         if role == "weight":
-            t = entry["weight"]
+            t = entry.weight
             w = model.get_submodule(layer).inner.weight.detach().numpy()
             scale, zero = qparams(t)
             return op.DequantizeLinear(_const(weight_values(w, entry)), _const(scale), _const(zero),

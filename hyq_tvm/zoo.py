@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import HyqError
@@ -133,12 +135,26 @@ def _fit_state_dict(model: nn.Module, name: str, state: dict[str, torch.Tensor])
     return state
 
 
+def _resized_bias_table(table: torch.Tensor, cells: int) -> torch.Tensor | None:
+    """An EfficientFormer attention-bias table (heads, g*g), one bias per (|dy|, |dx|) token offset,
+    interpolated (bicubic) to `cells` = g'*g' offsets for another input resolution; None if not square."""
+    g, g_new = math.isqrt(table.shape[-1]), math.isqrt(cells)
+    if g * g != table.shape[-1] or g_new * g_new != cells:
+        return None
+    grid = table.reshape(1, -1, g, g).float()
+    return F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False).reshape(-1, cells)
+
+
 def load_weights(model: nn.Module, name: str, path: str | Path) -> None:
-    """Load a checkpoint into `model`, naming the first key that does not fit."""
+    """Load a checkpoint into `model`, naming the first key that does not fit. Attention-bias tables of a
+    checkpoint trained at another resolution are interpolated to the model's token grid."""
     state, _ = read_state_dict(path)
     state = _fit_state_dict(model, name, state)
     expected = {k: v for k, v in model.state_dict().items()}
     for key, tensor in expected.items():
+        if key in state and key.endswith("attention_biases") and state[key].shape != tensor.shape:
+            resized = _resized_bias_table(state[key], tensor.shape[-1])
+            state[key] = resized if resized is not None else state[key]
         if key not in state:
             if key.endswith("attention_bias_idxs"):
                 continue  # derived from the resolution, not learned
@@ -161,8 +177,17 @@ def _classifier_classes(name: str, state: dict[str, torch.Tensor]) -> int | None
     return None
 
 
-def load_model(name: str, weights: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
-    """A model in eval mode with its weights: `weights`, or the embedded proxy checkpoint."""
+def check_img_size(img_size: int) -> int:
+    """`img_size` if the models can take it (a positive multiple of 32), else a HyqError."""
+    if not isinstance(img_size, int) or img_size < 32 or img_size % 32:
+        raise HyqError(f"--img-size must be a multiple of 32 (the models downsample by 32), got {img_size}")
+    return img_size
+
+
+def load_model(name: str, weights: str | Path | None = None, img_size: int | None = None
+               ) -> tuple[nn.Module, ModelInfo]:
+    """A model in eval mode with its weights: `weights`, or the embedded proxy checkpoint; for inputs of
+    `img_size` (default: the checkpoint's)."""
     spec = model_spec(name)
     path = Path(weights) if weights is not None else proxy_checkpoint(name)
     if weights is None and not path.is_file():
@@ -172,14 +197,17 @@ def load_model(name: str, weights: str | Path | None = None) -> tuple[nn.Module,
     if meta.get("hyq_tvm.model") not in (None, name):
         raise HyqError(f"checkpoint {path} was trained for {meta['hyq_tvm.model']}, not {name}")
     if "hyq_tvm.num_classes" in meta:
-        num_classes, img_size = int(meta["hyq_tvm.num_classes"]), int(meta["hyq_tvm.img_size"])
+        num_classes, checkpoint_size = int(meta["hyq_tvm.num_classes"]), int(meta["hyq_tvm.img_size"])
         mean, std = tuple(json.loads(meta["hyq_tvm.mean"])), tuple(json.loads(meta["hyq_tvm.std"]))
         dataset = meta.get("hyq_tvm.dataset")
     else:
         num_classes = _classifier_classes(name, state) or 1000
-        img_size, dataset = spec.input_size, None
+        checkpoint_size, dataset = spec.input_size, None
         cfg = timm.models.get_pretrained_cfg(name)
         mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if img_size is not None:
+        check_img_size(img_size)
+    img_size = img_size or checkpoint_size
     model = build_model(name, num_classes, img_size)
     load_weights(model, name, path)
     info = ModelInfo(name, num_classes, img_size, mean, std, str(path), sha256_file(path), dataset)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hyq_tvm import bench
+from hyq_tvm.devices import bench
 from hyq_tvm.devices import BOARDS, fleet
 from hyq_tvm.errors import HyqError
 from hyq_tvm.targets import elf_arch, emulated_targets, host_arch, load_target
@@ -116,8 +116,8 @@ def _minmax_rasp4b_artifact(tmp_path_factory, bits: int) -> Path:
         pytest.skip("aarch64-linux-gnu-g++ is not installed (scripts/setup.sh)")
     import torch
 
-    from hyq_tvm.calibrate import calibrate
-    from hyq_tvm.compile import compile_plan
+    from hyq_tvm.quant.calibrate import calibrate
+    from hyq_tvm.build import compile_plan
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

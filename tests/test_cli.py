@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from hyq_tvm import zoo

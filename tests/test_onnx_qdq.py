@@ -12,10 +12,10 @@ import torch
 
 from hyq_tvm import data
 from hyq_tvm.build import METADATA, ONNX, PLAN
-from hyq_tvm.calibrate import calibrate
-from hyq_tvm.compile import compile_plan
+from hyq_tvm.quant.calibrate import calibrate
+from hyq_tvm.build import compile_plan
 from hyq_tvm.errors import HyqError
-from hyq_tvm.evaluate import quantized_model
+from hyq_tvm.quant.prepare import quantized_model
 from hyq_tvm.onnx_qdq import export_onnx, onnx_session, qdq_census
 from hyq_tvm.quant.marks import roles
 
@@ -36,8 +36,8 @@ def onnx_file(plan_w4, tmp_path_factory):
 @pytest.mark.slow
 def test_every_plan_tensor_becomes_a_qdq_pair(plan_w4, onnx_file):
     census = qdq_census(onnx_file)
-    activations = sum(1 for entry in plan_w4.layers.values() for role in roles(entry["op"]) if role != "weight")
-    weights = sum(1 for entry in plan_w4.layers.values() if "weight" in roles(entry["op"]))
+    activations = sum(1 for entry in plan_w4.layers.values() for role in roles(entry.op) if role != "weight")
+    weights = sum(1 for entry in plan_w4.layers.values() if "weight" in roles(entry.op))
     assert census["QuantizeLinear"] == activations
     assert census["DequantizeLinear"] == activations + weights
     assert census["Clip"] == activations  # 4-bit values kept in [-8, 7]
@@ -88,7 +88,7 @@ def test_unknown_emit_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_compare_times_every_engine_against_the_tvm_graph(plan_w4, tmp_path):
-    from hyq_tvm import compare
+    from hyq_tvm.cli import compare
 
     art = compile_plan(plan_w4, "host", tmp_path / "art", emit=("tvm", "onnx"))
     compare.main(["--artifact", str(art), "--repeat", "3", "--reports", str(tmp_path / "reports")])

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from hyq_tvm import zoo
 from hyq_tvm.errors import HyqError
 from hyq_tvm.quant.baselines.minmax import calibrate_minmax
 from hyq_tvm.quant.modules import prepare
-from hyq_tvm.quant.plan import QuantPlan, apply_plan, layers_to_json
+from hyq_tvm.quant.plan import QuantPlan, TensorQuant, apply_plan, plan_layers
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def calibrated():
     plan = QuantPlan(model={"name": "mobilevit_xxs", "num_classes": 10, "img_size": 64,
                             "input_shape": [1, 3, 64, 64], "weights_sha256": "ab" * 32},
                      calibration={"method": "minmax", "wbits": 6, "abits": 8},
-                     layers=layers_to_json(model, bridges), bridge_blocks=[list(b.members) for b in bridges])
+                     layers=plan_layers(model, bridges), bridge_blocks=[list(b.members) for b in bridges])
     return model, fresh, plan, images
 
 
@@ -36,8 +37,8 @@ def test_round_trip_reproduces_the_quantized_model(calibrated, tmp_path):
     apply_plan(target, loaded, "ab" * 32)
     assert torch.equal(target(images), model(images))
     entry = loaded.layers["stages.2.1.conv_1x1"]
-    assert entry["bridge"] == 0 and entry["weight"]["bits"] == 6 and entry["inputs"][0]["bits"] == 8
-    assert loaded.layers["stages.2.1.transformer.0.attn.matmul1"]["op"] == "matmul"
+    assert entry.bridge == 0 and entry.weight.bits == 6 and entry.inputs[0].bits == 8
+    assert loaded.layers["stages.2.1.transformer.0.attn.matmul1"].op == "matmul"
 
 
 def _broken(plan, edit):
@@ -54,10 +55,28 @@ def _broken(plan, edit):
     (lambda o: o["layers"]["stem.conv"]["inputs"][0].update(zero_point=[300]), r"zero points must be integers in \[-128, 127\]"),
     (lambda o: o["layers"]["stem.conv"]["inputs"][0].update(scale=[-1.0]), "positive finite"),
     (lambda o: o["layers"]["stem.conv"].update(op="pool"), "op must be one of"),
+    (lambda o: o["layers"]["stem.conv"]["inputs"][0].pop("axis"), r"layers.stem.conv.inputs\[0\]: field 'axis' is missing"),
+    (lambda o: o["layers"]["stem.conv"]["weight"].update(scales=[1.0]), r"layers.stem.conv.weight: unknown field 'scales'"),
+    (lambda o: o["layers"]["stem.conv"].update(weight=None), r"layers.stem.conv: a conv2d layer needs weight quantizer"),
 ])
 def test_invalid_plans_are_refused(calibrated, edit, message):
     with pytest.raises(HyqError, match=message):
         QuantPlan.from_json(_broken(calibrated[2], edit))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bits=1), "bits must be 2 to 8"),
+    (dict(granularity="channel", axis=None, scale=(1.0, 2.0), zero_point=(0, 0)), "needs an integer axis"),
+    (dict(scale=(0.5, 0.5), zero_point=(3, 3)), "exactly one scale"),
+    (dict(symmetric=True, zero_point=(3,)), "symmetric quantizer has zero points of 0"),
+])
+def test_a_tensor_quantizer_validates_itself_on_construction(kwargs, message):
+    good = dict(bits=8, symmetric=False, granularity="tensor", axis=1, scale=(0.5,), zero_point=(3,))
+    assert TensorQuant(**good).params().zero_point.item() == 3
+    with pytest.raises(HyqError, match=message):
+        TensorQuant(**{**good, **kwargs})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TensorQuant(**good).bits = 4
 
 
 def test_plan_for_other_weights_or_model_is_refused(calibrated):

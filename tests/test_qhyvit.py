@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hyq_tvm import data
-from hyq_tvm.calibrate import calibrate
+from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.metrics import top1
 from hyq_tvm.quant.qhyvit import _grid_search
 
@@ -28,7 +28,7 @@ def test_qhyvit_beats_minmax_at_w4a4(proxy):
         plan, model = calibrate(proxy, method=method, wbits=4, abits=4, progress=False)
         results[method] = top1(model, test)
         assert plan.calibration["method"] == method and len(plan.layers) == 90
-    choices = {(e["inputs"][0]["granularity"], e["inputs"][0]["symmetric"]) for e in plan.layers.values()}
+    choices = {(e.inputs[0].granularity, e.inputs[0].symmetric) for e in plan.layers.values()}
     assert len(choices) > 1  # the search really chooses per layer
     assert results["qhyvit"] > results["minmax"] + 5, results
 
@@ -38,7 +38,7 @@ def test_full_mode_search_covers_norm_and_softmax_inputs():
     import copy
     from hyq_tvm import zoo
     from hyq_tvm.quant.modules import prepare, quant_layers
-    from hyq_tvm.quant.plan import QuantPlan, apply_plan, layers_to_json
+    from hyq_tvm.quant.plan import QuantPlan, apply_plan, plan_layers
     from hyq_tvm.quant.qhyvit import QHyViT, QHyViTConfig
 
     model = zoo.build_model("mobilevit_xxs", 10, 64).eval()
@@ -52,9 +52,9 @@ def test_full_mode_search_covers_norm_and_softmax_inputs():
     assert {c.bridge for c in report.choices.values()} == {None, 0, 1, 2}
     plan = QuantPlan(model={"name": "mobilevit_xxs", "num_classes": 10, "img_size": 64,
                             "input_shape": [1, 3, 64, 64], "weights_sha256": "0" * 64},
-                     calibration={"mode": "full"}, layers=layers_to_json(model, bridges))
+                     calibration={"mode": "full"}, layers=plan_layers(model, bridges))
     plan = QuantPlan.from_json(plan.to_json())
-    assert plan.layers["stages.2.1.transformer.0.norm1"]["op"] == "norm"
+    assert plan.layers["stages.2.1.transformer.0.norm1"].op == "norm"
     prepare(twin, images[:1], mode="full")
     apply_plan(twin, plan, None)
     assert torch.equal(twin(images), model(images))

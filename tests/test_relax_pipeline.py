@@ -14,13 +14,14 @@ from tvm import relax
 
 from hyq_tvm import data
 from hyq_tvm.build import LIBRARY, METADATA, PLAN, atomic_dir
-from hyq_tvm.calibrate import calibrate
-from hyq_tvm.compile import compile_plan, main
+from hyq_tvm.quant.calibrate import calibrate
+from hyq_tvm.build import compile_plan
+from hyq_tvm.cli.compile import main
 from hyq_tvm.errors import HyqError
-from hyq_tvm.evaluate import quantized_model
+from hyq_tvm.quant.prepare import quantized_model
 from hyq_tvm.fileio import sha256_file
 from hyq_tvm.quant.modules import QuantLayer
-from hyq_tvm.quant.plan import QuantPlan, layers_to_json
+from hyq_tvm.quant.plan import QuantPlan, plan_layers
 from hyq_tvm.quant.quantizer import QuantSpec, minmax_params
 from hyq_tvm.relax import integerize
 from hyq_tvm.relax.annotate import annotate
@@ -41,7 +42,7 @@ def plan() -> QuantPlan:
 
 @pytest.fixture(scope="module")
 def imported(plan) -> tvm.IRModule:
-    return import_model(plan)[0]
+    return import_model(plan)
 
 
 def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
@@ -51,7 +52,7 @@ def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
 
 def test_every_plan_entry_is_marked_exactly_once(plan, imported):
     counts = Counter(mark_name(c) for c in mark_calls(imported))
-    expected = Counter((layer, role) for layer, entry in plan.layers.items() for role in roles(entry["op"]))
+    expected = Counter((layer, role) for layer, entry in plan.layers.items() for role in roles(entry.op))
     assert counts == expected
 
 
@@ -66,7 +67,7 @@ def test_integerized_model_has_no_float_conv2d_or_matmul(plan, imported):
     census = op_census(integerize(annotate(imported, plan)))
     heavy = {k: n for k, n in census.items() if k.startswith(HEAVY)}
     assert heavy and all(k.endswith("(int8,int8)->int32") for k in heavy), heavy
-    assert sum(heavy.values()) == sum(1 for e in plan.layers.values() if e["op"] in ("conv2d", "linear", "matmul"))
+    assert sum(heavy.values()) == sum(1 for e in plan.layers.values() if e.op in ("conv2d", "linear", "matmul"))
     assert not any(k.startswith("relax.call_pure_packed") for k in census)
 
 
@@ -91,7 +92,7 @@ def test_qdq_graph_computes_the_fake_quant_arithmetic():
         layer.act = minmax_params(act_spec, seen)
         layer.weight = minmax_params(QuantSpec(wbits, True, 0), layer.folded_weight(layer.act))
         layer.enabled = True
-    plan = QuantPlan({}, {}, layers_to_json(model, []))
+    plan = QuantPlan({}, {}, plan_layers(model, []))
     expected = model(x).detach().numpy()
     mod = annotate(to_relax(model, x), plan)
     np.testing.assert_allclose(run(mod, x.numpy()), expected, rtol=1e-5, atol=1e-5)

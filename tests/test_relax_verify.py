@@ -8,13 +8,20 @@ import tvm
 from tvm import relax
 
 from hyq_tvm import data
-from hyq_tvm.calibrate import calibrate
 from hyq_tvm.errors import HyqError
-from hyq_tvm.evaluate import quantized_model
+from hyq_tvm.quant.calibrate import calibrate
+from hyq_tvm.quant.prepare import quantized_model
 from hyq_tvm.relax.annotate import annotate
 from hyq_tvm.relax.importer import import_model, marked_var
-from hyq_tvm.relax.integerize import integerize_layers
-from hyq_tvm.relax.verify import assert_bitexact, check_layers, debug_module, first_mismatch, run_debug, verify
+from hyq_tvm.relax.integer import integerize_layers
+from hyq_tvm.relax.verify import (
+    assert_bitexact,
+    check_layers,
+    debug_module,
+    first_mismatch,
+    run_debug,
+    verify,
+)
 from hyq_tvm.targets import load_target
 
 RNG = np.random.default_rng(1)
@@ -109,9 +116,9 @@ def test_a_corrupted_weight_is_the_first_mismatch_by_name(tiny):
 def test_mobilevit_xxs_is_bit_exact_layer_by_layer_and_agrees_with_fake_quant():
     torch.set_num_threads(1)
     plan = calibrate("mobilevit_xxs", method="minmax", images=8, progress=False)[0]
-    mod, _ = import_model(plan)
+    mod = import_model(plan)
     mod, layers = integerize_layers(annotate(mod, plan))
-    integer_layers = {n for n, e in plan.layers.items() if e["op"] in ("conv2d", "linear", "matmul")}
+    integer_layers = {n for n, e in plan.layers.items() if e.op in ("conv2d", "linear", "matmul")}
     assert {layer.name for layer in layers} == integer_layers  # a conv may have both an int8 and a float result
     assert len({(layer.name, layer.out_dtype) for layer in layers}) == len(layers)
     vm = relax.VirtualMachine(tvm.compile(debug_module(mod, layers), target=TARGET), tvm.cpu())

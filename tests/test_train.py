@@ -2,18 +2,19 @@ import json
 
 from safetensors import safe_open
 
-from hyq_tvm import train, zoo
+from hyq_tvm import training, zoo
+from hyq_tvm.cli.train import parse_args
 
 
 def test_training_resumes_and_writes_a_loadable_checkpoint(tmp_path, capsys):
     args = ["--model", "mobilevit_xxs", "--epochs", "1", "--batch-size", "32", "--train-images", "64",
             "--test-images", "64", "--save-every", "1", "--work-dir", str(tmp_path / "run"),
             "-o", str(tmp_path / "proxy.safetensors")]
-    first = train.train(train.parse_args(args))
+    first = training.train(training.TrainConfig(**vars(parse_args(args))))
     assert first["test_images"] == 64 and 0 <= first["top1"] <= 100
     state = tmp_path / "run" / "state.pt"
     assert state.is_file()
-    second = train.train(train.parse_args(args))  # every step is done: nothing is trained twice
+    second = training.train(training.TrainConfig(**vars(parse_args(args))))  # every step is done: nothing is trained twice
     assert "resuming mobilevit_xxs at step 2 of 2" in capsys.readouterr().out
     assert second["top1"] == first["top1"]
     with safe_open(str(tmp_path / "proxy.safetensors"), framework="pt") as f:
@@ -23,7 +24,7 @@ def test_training_resumes_and_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 
 def test_embedded_proxies_are_recorded():
-    proxies = json.loads(train.PROXY_SUMMARY.read_text())
+    proxies = json.loads(training.PROXY_SUMMARY.read_text())
     for name in ("mobilevit_xxs", "mobilevitv2_050", "efficientformer_l1", "efficientformerv2_s0"):
         assert zoo.proxy_checkpoint(name).is_file()
         assert proxies[name]["dataset"] == "fashion-mnist" and proxies[name]["top1"] > 85

@@ -65,3 +65,16 @@ def test_corrupt_checkpoint(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(HyqError, match="cannot read checkpoint"):
         zoo.load_model("mobilevit_xxs", path)
+
+
+def test_a_checkpoint_loads_at_another_input_size():
+    model, info = zoo.load_model("efficientformerv2_s0", img_size=128)
+    assert info.img_size == 128 and model(torch.randn(1, 3, 128, 128)).shape == (1, 10)
+    base, _ = zoo.load_model("efficientformerv2_s0")
+    key = "stages.2.blocks.4.token_mixer.attention_biases"
+    small, large = base.state_dict()[key], model.state_dict()[key]
+    assert small.shape == (8, 4) and large.shape == (8, 16)
+    # the 2x2 table of offsets (|dy|, |dx|) interpolated to 4x4: its mean is kept within the bicubic overshoot
+    assert torch.allclose(large.mean(), small.mean(), atol=0.5 * small.std().item())
+    with pytest.raises(HyqError, match="--img-size must be a multiple of 32"):
+        zoo.load_model("mobilevit_xxs", img_size=100)

@@ -7,6 +7,7 @@ calibrated, so a plan cannot silently be applied to another model or other weigh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,79 @@ FORMAT = "hyq-tvm/quantplan"
 VERSION = 1
 OPS = ("conv2d", "linear", "matmul", "norm", "softmax")
 WEIGHTED_OPS = ("conv2d", "linear")
+GRANULARITIES = ("tensor", "channel")
+MODEL_FIELDS = ("name", "num_classes", "img_size", "input_shape", "weights_sha256")
+MODES = ("partial", "full")
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """The quantizer of one tensor: x_q = clip(round(x / scale) + zero_point) on a `bits`-bit grid,
+    one scale and zero point per tensor, or per channel along `axis`."""
+
+    bits: int
+    symmetric: bool
+    granularity: str      # "tensor" or "channel"
+    axis: int | None      # the channel axis (recorded for per-tensor ones too)
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise HyqError(f"bits must be 2 to 8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise HyqError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
+        if self.granularity == "channel" and not isinstance(self.axis, int):
+            raise HyqError(f"a per-channel quantizer needs an integer axis, got {self.axis!r}")
+        if len(self.scale) != len(self.zero_point) or not self.scale:
+            raise HyqError("scale and zero_point must be non-empty lists of one length")
+        if self.granularity == "tensor" and len(self.scale) != 1:
+            raise HyqError(f"a per-tensor quantizer has exactly one scale, found {len(self.scale)}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.scale):
+            raise HyqError("every scale must be a positive finite number")
+        qmin, qmax = qrange(self.bits)
+        if not all(isinstance(z, int) and qmin <= z <= qmax for z in self.zero_point):
+            raise HyqError(f"zero points must be integers in [{qmin}, {qmax}]")
+        if self.symmetric and any(self.zero_point):
+            raise HyqError("a symmetric quantizer has zero points of 0")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "channel"
+
+    @classmethod
+    def from_params(cls, p: QuantParams) -> "TensorQuant":
+        return cls(p.spec.bits, p.spec.symmetric, p.spec.granularity, p.spec.axis,
+                   tuple(float(s) for s in p.scale.reshape(-1)), tuple(int(z) for z in p.zero_point.reshape(-1)))
+
+    def params(self) -> QuantParams:
+        """The quantizer as the fake-quant modules hold it."""
+        spec = QuantSpec(self.bits, self.symmetric, self.axis if self.per_channel else None)
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        zero = torch.tensor(self.zero_point, dtype=torch.int64)
+        if spec.axis is None:
+            scale, zero = scale.reshape(()), zero.reshape(())
+        return QuantParams(spec, scale, zero)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """One quantized layer: its op, the quantizers of its activation inputs and of its folded weight, and
+    the index of the bridge block it belongs to (None: none)."""
+
+    op: str
+    inputs: tuple[TensorQuant, ...]
+    weight: TensorQuant | None = None
+    bridge: int | None = None
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise HyqError(f"op must be one of {', '.join(OPS)}, got {self.op!r}")
+        expected = 2 if self.op == "matmul" else 1
+        if len(self.inputs) != expected:
+            raise HyqError(f"a {self.op} layer has {expected} quantized input(s), found {len(self.inputs)}")
+        if (self.weight is not None) != (self.op in WEIGHTED_OPS):
+            raise HyqError(f"a {self.op} layer {'needs' if self.op in WEIGHTED_OPS else 'has no'} weight quantizer")
 
 
 @dataclass
@@ -33,7 +107,7 @@ class QuantPlan:
 
     model: dict[str, Any]
     calibration: dict[str, Any]
-    layers: dict[str, dict[str, Any]]
+    layers: dict[str, LayerQuant]
     bridge_blocks: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -57,7 +131,7 @@ class QuantPlan:
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "plan") -> "QuantPlan":
-        """A plan from its JSON form; a HyqError names the first thing wrong with it."""
+        """A plan from its JSON form; a HyqError names the first field that is wrong."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise HyqError(f"{where} is not a hyq-tvm QuantPlan (format must be {FORMAT!r})")
         if obj.get("version") != VERSION:
@@ -65,85 +139,66 @@ class QuantPlan:
         for key, kind in (("model", dict), ("calibration", dict), ("layers", dict), ("bridge_blocks", list)):
             if not isinstance(obj.get(key), kind):
                 raise HyqError(f"{where}: {key!r} is missing or not a {kind.__name__}")
-        for key in ("name", "num_classes", "img_size", "input_shape", "weights_sha256"):
+        for key in MODEL_FIELDS:
             if key not in obj["model"]:
                 raise HyqError(f"{where}: model.{key} is missing")
-        if obj["calibration"].get("mode", "partial") not in ("partial", "full"):
+        if obj["calibration"].get("mode", "partial") not in MODES:
             raise HyqError(f"{where}: calibration.mode must be 'partial' or 'full'")
         if not obj["layers"]:
             raise HyqError(f"{where} quantizes no layer")
-        for name, layer in obj["layers"].items():
-            _check_layer(layer, f"{where}: layer {name!r}")
-        return cls(obj["model"], obj["calibration"], obj["layers"], obj["bridge_blocks"])
+        layers = {name: _layer_from_json(layer, f"{where}: layers.{name}") for name, layer in obj["layers"].items()}
+        return cls(obj["model"], obj["calibration"], layers, obj["bridge_blocks"])
 
 
-def _check_tensor(t: Any, where: str) -> None:
-    if not isinstance(t, dict):
+def _fields(obj: Any, kind, where: str) -> dict[str, Any]:
+    """The JSON object `obj` as keyword arguments of the dataclass `kind`: every field present, no other."""
+    if not isinstance(obj, dict):
         raise HyqError(f"{where} is not an object")
-    for key in ("bits", "symmetric", "granularity", "axis", "scale", "zero_point"):
-        if key not in t:
-            raise HyqError(f"{where}: {key!r} is missing")
-    bits = t["bits"]
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise HyqError(f"{where}: bits must be 2 to 8, got {bits!r}")
-    if t["granularity"] not in ("tensor", "channel"):
-        raise HyqError(f"{where}: granularity must be 'tensor' or 'channel', got {t['granularity']!r}")
-    scale, zero = t["scale"], t["zero_point"]
-    if not isinstance(scale, list) or not isinstance(zero, list) or len(scale) != len(zero) or not scale:
-        raise HyqError(f"{where}: scale and zero_point must be non-empty lists of one length")
-    if t["granularity"] == "tensor" and len(scale) != 1:
-        raise HyqError(f"{where}: a per-tensor quantizer has exactly one scale, found {len(scale)}")
-    if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in scale):
-        raise HyqError(f"{where}: every scale must be a positive finite number")
-    qmin, qmax = qrange(bits)
-    if not all(isinstance(z, int) and qmin <= z <= qmax for z in zero):
-        raise HyqError(f"{where}: zero points must be integers in [{qmin}, {qmax}]")
-    if t["symmetric"] and any(zero):
-        raise HyqError(f"{where}: a symmetric quantizer has zero points of 0")
+    names = [f.name for f in dataclasses.fields(kind)]
+    missing = [n for n in names if n not in obj and kind.__dataclass_fields__[n].default is dataclasses.MISSING]
+    unknown = sorted(set(obj) - set(names))
+    if missing or unknown:
+        raise HyqError(f"{where}: {'field ' + repr(missing[0]) + ' is missing' if missing else 'unknown field ' + repr(unknown[0])}")
+    return dict(obj)
 
 
-def _check_layer(layer: Any, where: str) -> None:
-    if not isinstance(layer, dict) or layer.get("op") not in OPS:
-        raise HyqError(f"{where}: op must be one of {', '.join(OPS)}")
-    inputs = layer.get("inputs")
-    expected = 2 if layer["op"] == "matmul" else 1
-    if not isinstance(inputs, list) or len(inputs) != expected:
-        raise HyqError(f"{where}: a {layer['op']} layer has {expected} quantized input(s)")
-    for i, t in enumerate(inputs):
-        _check_tensor(t, f"{where} input {i}")
-    if layer["op"] in WEIGHTED_OPS:
-        _check_tensor(layer.get("weight"), f"{where} weight")
-    elif layer.get("weight") is not None:
-        raise HyqError(f"{where}: a {layer['op']} has no weight quantizer")
+def _tensor_from_json(obj: Any, where: str) -> TensorQuant:
+    args = _fields(obj, TensorQuant, where)
+    for key in ("scale", "zero_point"):
+        if not isinstance(args[key], list):
+            raise HyqError(f"{where}.{key} must be a list")
+        args[key] = tuple(args[key])
+    try:
+        return TensorQuant(**args)
+    except HyqError as err:
+        raise HyqError(f"{where}: {err}") from None
 
 
-def params_to_json(p: QuantParams) -> dict[str, Any]:
-    return {"bits": p.spec.bits, "symmetric": p.spec.symmetric, "granularity": p.spec.granularity,
-            "axis": p.spec.axis, "scale": [float(s) for s in p.scale.reshape(-1)],
-            "zero_point": [int(z) for z in p.zero_point.reshape(-1)]}
+def _layer_from_json(obj: Any, where: str) -> LayerQuant:
+    args = _fields(obj, LayerQuant, where)
+    if not isinstance(args["inputs"], list):
+        raise HyqError(f"{where}.inputs must be a list")
+    args["inputs"] = tuple(_tensor_from_json(t, f"{where}.inputs[{i}]") for i, t in enumerate(args["inputs"]))
+    if args.get("weight") is not None:
+        args["weight"] = _tensor_from_json(args["weight"], f"{where}.weight")
+    try:
+        return LayerQuant(**args)
+    except HyqError as err:
+        raise HyqError(f"{where}: {err}") from None
 
 
-def params_from_json(t: dict[str, Any]) -> QuantParams:
-    spec = QuantSpec(t["bits"], t["symmetric"], t["axis"] if t["granularity"] == "channel" else None)
-    scale = torch.tensor(t["scale"], dtype=torch.float32)
-    zero = torch.tensor(t["zero_point"], dtype=torch.int64)
-    if spec.axis is None:
-        scale, zero = scale.reshape(()), zero.reshape(())
-    return QuantParams(spec, scale, zero)
-
-
-def layers_to_json(model: nn.Module, bridges: list) -> dict[str, dict[str, Any]]:
-    """The calibrated quantizers of a prepared model, as plan entries (with the index of their bridge block)."""
+def plan_layers(model: nn.Module, bridges: list) -> dict[str, LayerQuant]:
+    """The calibrated quantizers of a prepared model, as plan layers (with the index of their bridge block)."""
     out = {}
     for name, layer in quant_layers(model).items():
+        bridge = next((i for i, b in enumerate(bridges) if b.contains(name)), None)
         if isinstance(layer, QuantMatMul):
-            out[name] = {"op": "matmul", "inputs": [params_to_json(p) for p in layer.acts], "weight": None}
+            inputs, weight = layer.acts, None
         elif isinstance(layer, QuantAct):
-            out[name] = {"op": layer.op, "inputs": [params_to_json(layer.act)], "weight": None}
+            inputs, weight = [layer.act], None
         else:
-            out[name] = {"op": layer.op, "inputs": [params_to_json(layer.act)],
-                         "weight": params_to_json(layer.weight)}
-        out[name]["bridge"] = next((i for i, b in enumerate(bridges) if b.contains(name)), None)
+            inputs, weight = [layer.act], TensorQuant.from_params(layer.weight)
+        out[name] = LayerQuant(layer.op, tuple(TensorQuant.from_params(p) for p in inputs), weight, bridge)
     return out
 
 
@@ -165,15 +220,15 @@ def apply_plan(model: nn.Module, plan: QuantPlan, weights_sha256: str | None) ->
         raise HyqError(f"the plan does not fit {plan.model['name']}: it {what}")
     for name, layer in layers.items():
         entry = plan.layers[name]
-        if entry["op"] != layer.op:
-            raise HyqError(f"the plan does not fit: layer {name!r} is a {layer.op}, the plan says {entry['op']}")
-        acts = [params_from_json(t) for t in entry["inputs"]]
+        if entry.op != layer.op:
+            raise HyqError(f"the plan does not fit: layer {name!r} is a {layer.op}, the plan says {entry.op}")
+        acts = [t.params() for t in entry.inputs]
         if isinstance(layer, QuantMatMul):
             layer.acts = acts
         elif isinstance(layer, QuantAct):
             layer.act = acts[0]
         else:
-            layer.act, layer.weight = acts[0], params_from_json(entry["weight"])
+            layer.act, layer.weight = acts[0], entry.weight.params()
             channels = layer.inner.weight.shape[0]
             if layer.weight.scale.numel() not in (1, channels):
                 raise HyqError(f"the plan does not fit: layer {name!r} has {channels} output channels,"

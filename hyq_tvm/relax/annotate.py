@@ -13,14 +13,12 @@ their range when b < 8. Everything between the marks (softmax, LayerNorm, GELU, 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..errors import HyqError
-from ..quant.plan import QuantPlan
+from ..quant.plan import LayerQuant, QuantPlan
 from ..quant.qdq import ActivationQDQ, activation_qdq, channel_axis, qparams, weight_values
 from .importer import is_mark, mark_calls, mark_name
 
@@ -54,8 +52,8 @@ class _Annotator(relax.PyExprMutator):
             q = self.builder_.emit(relax.op.clip(q, *qdq.clip))
         return relax.op.dequantize(q, _const(qdq.dq_scale, "float32"), _const(qdq.zero, "int8"), axis=qdq.axis)
 
-    def weight(self, w: relax.Expr, entry: dict[str, Any]) -> relax.Expr:
-        t = entry["weight"]
+    def weight(self, w: relax.Expr, entry: LayerQuant) -> relax.Expr:
+        t = entry.weight
         scale, zero = qparams(t)
         return relax.op.dequantize(_const(weight_values(w.value.numpy(), entry), "int8"), _const(scale, "float32"),
                                    _const(zero, "int8"), axis=channel_axis(t))

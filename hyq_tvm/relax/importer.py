@@ -18,11 +18,10 @@ import tvm.relax.frontend.torch  # noqa: F401  (registers the frontend)
 from torch import nn
 from tvm import relax
 
-from ..calibrate import prepared_model
+from ..quant.prepare import quantized_model
 from ..errors import HyqError
 from ..quant.marks import ROLES, export_marked, roles
-from ..quant.plan import QuantPlan, apply_plan
-from ..zoo import ModelInfo
+from ..quant.plan import QuantPlan
 
 MARK = "hyq.mark"
 
@@ -98,7 +97,7 @@ def input_layers(mod: tvm.IRModule) -> list[str]:
 def check_marks(mod: tvm.IRModule, plan: QuantPlan) -> None:
     """A HyqError unless every quantized input of every plan layer is marked exactly once, and nothing else."""
     counts = Counter(mark_name(c) for c in mark_calls(mod))
-    expected = {(layer, role) for layer, entry in plan.layers.items() for role in roles(entry["op"])}
+    expected = {(layer, role) for layer, entry in plan.layers.items() for role in roles(entry.op)}
     missing = sorted({layer for layer, role in expected if counts[(layer, role)] == 0})
     if missing:
         raise HyqError(f"the Relax graph has no call site for {len(missing)} plan layer(s): {', '.join(missing)}")
@@ -110,10 +109,8 @@ def check_marks(mod: tvm.IRModule, plan: QuantPlan) -> None:
         raise HyqError(f"the Relax graph marks layer(s) the plan does not quantize: {', '.join(unknown)}")
 
 
-def import_model(plan: QuantPlan, weights: str | Path | None = None) -> tuple[tvm.IRModule, ModelInfo]:
+def import_model(plan: QuantPlan, weights: str | Path | None = None) -> tvm.IRModule:
     """The plan's model (BN folded, weights checked against the plan) in Relax, every plan layer marked once."""
-    model, info = prepared_model(plan.model["name"], weights, plan.calibration.get("mode", "partial"))
-    apply_plan(model, plan, info.weights_sha256)  # checks that plan, model and weights fit
-    mod = to_relax(model, torch.zeros(plan.model["input_shape"]))
+    mod = to_relax(quantized_model(plan, weights), torch.zeros(plan.model["input_shape"]))
     check_marks(mod, plan)
-    return mod, info
+    return mod

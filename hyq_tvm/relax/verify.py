@@ -2,8 +2,8 @@
 
 `debug_module` adds `main_debug` to an integerized module: `main` that also returns the integer
 input(s) and the result of every IntegerLayer (from integerize_layers). `check_layers` runs it once
-and recomputes each layer's result with reference.py from the inputs TVM produced, so a mismatch
-stays in the layer that made it. Float islands between layers (softmax, LayerNorm, GELU, ...) are
+and recomputes each layer's result with its rule's numpy reference (IntegerLayer.reference) from the
+inputs TVM produced, so a mismatch stays in the layer that made it. Float islands between layers are
 checked only through the integer inputs they feed.
 """
 from __future__ import annotations
@@ -15,8 +15,7 @@ import tvm
 from tvm import relax
 
 from ..errors import HyqError
-from . import reference as ref
-from .integerize import IntegerLayer
+from .integer import IntegerLayer
 from .portable import compile_module
 
 DEBUG = "main_debug"
@@ -71,41 +70,6 @@ def debug_module(mod: tvm.IRModule, layers: list[IntegerLayer]) -> tvm.IRModule:
     return out
 
 
-def expected(layer: IntegerLayer, values: dict[relax.Var, np.ndarray]) -> np.ndarray:
-    """The layer's result recomputed by reference.py from the integer inputs in `values`."""
-    a = values[layer.inputs[0]]
-    if layer.op in ("add", "concat"):
-        xs = [values[v] for v in layer.inputs]
-        args = (xs, layer.zero_points, layer.attrs["scales"], layer.out_scale, layer.out_zero_point, layer.axis)
-        if layer.op == "add":
-            return ref.rescaled_sum(*args, layer.out_dtype)
-        return ref.rescaled_concat(*args, layer.attrs["dim"], layer.out_dtype)
-    if layer.op == "lookup":
-        return ref.lookup(a, layer.attrs["table"], layer.axis)
-    if layer.op == "norm":
-        return ref.integer_norm(a, layer.zero_points[0], layer.attrs["params"], layer.out_zero_point, layer.axis,
-                                layer.attrs["reduce_axes"], layer.out_dtype)
-    if layer.op == "softmax":
-        return ref.requantize_acc(ref.softmax_probs(a, layer.attrs["table"]), layer.acc_scale, layer.out_scale,
-                                  layer.out_zero_point, layer.axis, layer.out_dtype)
-    z_a, z_b = layer.zero_points
-    if layer.op == "conv2d":
-        acc = ref.qconv2d(a, z_a, layer.weight, **layer.attrs)
-    elif layer.weight is not None:
-        acc = ref.qmatmul(a, z_a, layer.weight, z_b)
-    else:
-        b = values[layer.inputs[1]]
-        acc = ref.qmatmul(a, z_a, b if layer.attrs["b_axes"] is None else b.transpose(layer.attrs["b_axes"]), z_b)
-    if layer.out_scale is None:
-        return ref.dequantize_acc(acc, layer.acc_scale, layer.axis, layer.out_dtype)
-    out = ref.requantize_acc(acc, layer.acc_scale, layer.out_scale, layer.out_zero_point, layer.axis,
-                             layer.out_dtype, 0.0 if layer.bias is None else layer.bias)
-    if layer.clamp is None:
-        return out
-    low, high = (ref.along(v, layer.axis, out.ndim) for v in layer.clamp)
-    return np.clip(out, low, high).astype(layer.out_dtype)
-
-
 def compare(layer: IntegerLayer, got: np.ndarray, want: np.ndarray) -> LayerCheck:
     """The LayerCheck of TVM's result `got` against the reference `want`."""
     if got.shape != want.shape or got.dtype != want.dtype:
@@ -126,7 +90,7 @@ def run_debug(vm: relax.VirtualMachine, layers: list[IntegerLayer], x: np.ndarra
 
 def check_values(layers: list[IntegerLayer], values: dict[relax.Var, np.ndarray]) -> list[LayerCheck]:
     """Every layer's result in `values` checked against the reference computed from its inputs there."""
-    return [compare(layer, values[layer.result], expected(layer, values)) for layer in layers]
+    return [compare(layer, values[layer.result], layer.reference(values)) for layer in layers]
 
 
 def check_layers(vm: relax.VirtualMachine, layers: list[IntegerLayer], x: np.ndarray) -> list[LayerCheck]:

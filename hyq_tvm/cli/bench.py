@@ -1,0 +1,50 @@
+"""Benchmark an artifact on a device behind a TVM RPC tracker (python -m hyq_tvm.bench).
+
+  python -m hyq_tvm.bench --tracker 127.0.0.1:9190 --key rasp4b --artifact artifacts/mobilevit_xxs-rasp4b
+
+Requests a session for --key from the tracker (waiting at most --timeout s for a free device), refuses
+an artifact whose model.so is built for another architecture than the key's (before any upload),
+uploads model.so, measures latency with time_evaluator, then runs the first --limit Fashion-MNIST test
+images on the device and compares every output bit for bit with the host twin of the same integer graph
+(host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
+Writes reports/device_<key>.json and .md (one row per model). Boards started by hyq_tvm.device are
+labelled emulated: their wall-clock times say nothing about real hardware; on a board started with --icount
+the row also gets the exact number of instructions one inference executes in model.so and libm (QEMU plugin).
+
+The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
+reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..devices.bench import DEFAULT_LIMIT, DEFAULT_TIMEOUT, bench
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hyq_tvm.bench", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracker", required=True, help="HOST:PORT of the TVM RPC tracker")
+    p.add_argument("--key", required=True, help="device key registered with the tracker (e.g. rasp4b)")
+    p.add_argument("--artifact", required=True, type=Path, help="artifact folder from python -m hyq_tvm.compile")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"test images to run (default {DEFAULT_LIMIT})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for a free device (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--repeat", type=int, default=10, help="time_evaluator repeats (default 10, number=1)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the system copy)")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="where device_<key>.json/.md go")
+    p.add_argument("--devices-state", type=Path, default=None,
+                   help="state file of hyq_tvm.device (default: the cache's), to label emulated boards")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data, args.reports,
+                args.devices_state)
+    emu = " EMULATED" if row["emulated"] else ""
+    print(f"{row['model']} on {args.key}{emu}: latency median {row['latency_ms_median']} ms (p90 "
+          f"{row['latency_ms_p90']}, {row['runs']} runs); bitexact {row['bitexact']} "
+          f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%); "
+          f"instructions {row['instructions']}; -> {', '.join(row['reports'])}")
+

@@ -1,0 +1,67 @@
+"""The options several commands share, spelled one way everywhere."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .. import zoo
+from ..fileio import RowCache
+
+PROXY_MODELS = ("mobilevit_xxs", "mobilevitv2_050", "efficientformer_l1", "efficientformerv2_s0")
+
+
+def add_model(p: argparse.ArgumentParser, default: str | None = zoo.DEFAULT_MODEL, note: str = "") -> None:
+    p.add_argument("--model", default=default, help=f"one of: {', '.join(zoo.MODELS)}{note}")
+
+
+def add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, help="checkpoint (safetensors or .pth); default: the embedded proxy")
+
+
+def add_img_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input resolution, a multiple of 32 (default: the checkpoint's; the proxies: 64)")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder or ImageFolder tree (default: Fashion-MNIST)")
+
+
+def add_plan(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--plan", type=Path, default=None, help=f"QuantPlan from python -m hyq_tvm.calibrate{note}")
+
+
+def add_bits(p: argparse.ArgumentParser, many: bool = False, default=8) -> None:
+    """--bits: the bit-width of weights and activations alike (many: a list of them)."""
+    if many:
+        p.add_argument("--bits", nargs="+", type=int, default=list(default), help="W = A bit-widths"
+                       f" (default: {' '.join(map(str, default))})")
+    else:
+        p.add_argument("--bits", type=int, default=default, help=f"W = A bit-width, 2-8 (default {default})")
+
+
+def add_reports(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="folder the reports go to (default reports)")
+
+
+def add_threads(p: argparse.ArgumentParser, default: int, note: str) -> None:
+    p.add_argument("--threads", type=int, default=default, help=note)
+
+
+def add_report_args(p: argparse.ArgumentParser, work_dir: str) -> None:
+    """The options every report command shares: --models, --threads, --reports, --work-dir."""
+    p.add_argument("--models", nargs="+", default=list(PROXY_MODELS))
+    add_threads(p, 0, "torch threads (0: all cores)")
+    add_reports(p)
+    p.add_argument("--work-dir", type=Path, default=Path(work_dir), help="finished rows, for resuming")
+
+
+def start_report(args: argparse.Namespace) -> RowCache:
+    """Apply --threads, check --models and open the row cache of a report command."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for model in args.models:
+        zoo.model_spec(model)
+    return RowCache(args.work_dir / "rows.json")
