@@ -166,7 +166,7 @@ def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
     from tvm import relax, rpc
     from tvm.support import cc
 
-    from hyq_tvm.relax.portable import compile_module
+    from hyq_tvm.relax.pipeline import build
     from hyq_tvm.targets import load_target
 
     state_file = tmp_path / "devices.json"  # private state: leaves boards started by hand alone
@@ -189,11 +189,11 @@ def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
         np.testing.assert_array_equal(out.numpy(), a @ b + c)
         # float islands compiled portably give the host's bits on the board
         mod, names, x = _float_islands()
-        compile_module(mod, tvm.target.Target(get_board("rasp4b").target())).export_library(
+        build(mod, tvm.target.Target(get_board("rasp4b").target())).export_library(
             str(tmp_path / "islands.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
         remote.upload(str(tmp_path / "islands.so"))
         board_vm = relax.VirtualMachine(remote.load_module("islands.so"), remote.cpu())
-        host_vm = relax.VirtualMachine(compile_module(mod, load_target("host").tvm_target()), tvm.cpu())
+        host_vm = relax.VirtualMachine(build(mod, load_target("host").tvm_target()), tvm.cpu())
         for name in names:
             got = board_vm[name](tvm.runtime.tensor(x, remote.cpu())).numpy()
             want = host_vm[name](tvm.runtime.tensor(x)).numpy()

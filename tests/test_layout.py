@@ -15,25 +15,36 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports() -> dict[str, set[str]]:
-    """hyq_tvm module -> the hyq_tvm modules it imports (at any depth of its code)."""
-    graph: dict[str, set[str]] = {}
+def _import_statements():
+    """(importing module, module imported from, names imported) for every import of the package."""
     for path in PACKAGE.rglob("*.py"):
         name = _module(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = package
                 for _ in range(node.level - 1):
                     base = base.rpartition(".")[0]
                 mod = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
-                found |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+                yield name, mod, [a.name for a in node.names]
             elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-        graph[name] = {m for m in found if m.startswith("hyq_tvm")}
-    modules = set(graph)
-    return {name: {m for m in deps if m in modules} - {name} for name, deps in graph.items()}
+                for a in node.names:
+                    yield name, a.name, []
+
+
+def _imports() -> dict[str, set[str]]:
+    """hyq_tvm module -> the hyq_tvm modules it imports (at any depth of its code)."""
+    modules = {_module(path) for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, mod, names in _import_statements():
+        graph[name] |= {m for m in (mod, *(f"{mod}.{n}" for n in names)) if m in modules and m != name}
+    return graph
+
+
+def test_every_import_from_the_package_names_a_module_of_it():
+    modules = {_module(path) for path in PACKAGE.rglob("*.py")}
+    missing = {(name, mod) for name, mod, _ in _import_statements() if mod.startswith("hyq_tvm") and mod not in modules}
+    assert not missing
 
 
 def test_no_library_module_imports_a_command():

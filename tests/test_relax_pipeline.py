@@ -26,6 +26,7 @@ from hyq_tvm.quant.quantizer import QuantSpec, minmax_params
 from hyq_tvm.relax import integerize
 from hyq_tvm.relax.annotate import annotate
 from hyq_tvm.relax.census import op_census
+from hyq_tvm.relax.pipeline import lower
 from hyq_tvm.quant.marks import roles
 from hyq_tvm.relax.importer import check_marks, import_model, mark_calls, mark_name, to_relax
 from hyq_tvm.targets import known_targets, load_target
@@ -63,8 +64,23 @@ def test_a_plan_layer_missing_from_the_graph_is_named(plan, imported):
         check_marks(imported, extra)
 
 
-def test_integerized_model_has_no_float_conv2d_or_matmul(plan, imported):
-    census = op_census(integerize(annotate(imported, plan)))
+@tvm.instrument.pass_instrument
+class _PassNames:
+    def __init__(self):
+        self.names = []
+
+    def run_before_pass(self, mod, info):
+        self.names.append(info.name)
+
+
+def test_lowering_runs_the_named_passes_and_leaves_no_float_conv2d_or_matmul(plan):
+    seen = _PassNames()
+    with tvm.transform.PassContext(instruments=[seen]):
+        lowered = lower(plan)
+    assert [n for n in seen.names if n.startswith("hyq.")] == ["hyq.Lower", "hyq.ImportPlan", "hyq.Annotate",
+                                                                "hyq.Integerize"]
+    assert lowered.input_layers == ["stem.conv"] and lowered.layers
+    census = op_census(lowered.mod)
     heavy = {k: n for k, n in census.items() if k.startswith(HEAVY)}
     assert heavy and all(k.endswith("(int8,int8)->int32") for k in heavy), heavy
     assert sum(heavy.values()) == sum(1 for e in plan.layers.values() if e.op in ("conv2d", "linear", "matmul"))

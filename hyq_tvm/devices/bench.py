@@ -26,7 +26,10 @@ from typing import Callable
 
 import numpy as np
 
+from . import fleet
+from .boards import BOARDS
 from .fleet import parse_addr, tracker_summary
+from .icount import server_counts
 from ..errors import HyqError
 from ..fileio import atomic_path, sha256_file, write_json
 from ..build import LIBRARY, Artifact, load_artifact
@@ -92,9 +95,6 @@ class DeviceInfo:
 
 def device_info(key: str, tracker: tuple[str, int], state_file: Path | None) -> DeviceInfo:
     """The key's architecture and fleet entries: from the emulated-board state, else from targets/."""
-    from .devices import fleet
-    from .devices.boards import BOARDS
-
     state = fleet.load_state(state_file or fleet.state_path())
     t = state.get("tracker") or {}
     same_tracker = (t.get("host"), t.get("port")) == tracker
@@ -246,8 +246,6 @@ def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
     COUNTED_CODE): load model.so, run main 1 + `number` times in one time_evaluator call, end the session
     and read the count its process wrote when it exited."""
     from tvm import relax, runtime
-
-    from .devices.icount import server_counts
 
     sess, addr = request_session(*remote.tracker, remote.key, remote.timeout)
     info = device_info(remote.key, remote.tracker, remote.state_file)

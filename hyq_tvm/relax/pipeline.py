@@ -1,7 +1,7 @@
 """The compiler's stages as TVM passes: a QuantPlan lowered to an integer Relax module, then built.
 
     lower(plan) = Sequential([ImportPlan, Annotate, Integerize])(empty module)
-    build(mod, target) = the build passes of portable.py (the same float bits on every LLVM target)
+    build(mod, target) = Sequential([PackWeights, fusion, default schedule, TVM's lowering, fenced products])
 
 Every command, report and test goes from a plan to a library through these two functions.
 """
@@ -17,7 +17,8 @@ from ..quant.plan import QuantPlan
 from .annotate import annotate
 from .importer import import_model, input_layers
 from .integer import IntegerLayer, integerize_pass
-from .portable import compile_module
+from .pack import pack_weights
+from .schedule import build_pipeline
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ def lower(plan: QuantPlan, weights: str | Path | None = None) -> Lowered:
     return Lowered(mod, layers, inputs)
 
 
+def build_passes(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Constant int8 weights packed for the target's dot-product instructions, then the build pipeline of
+    schedule.py (fused, scheduled, float islands with the same bits on every LLVM target)."""
+    return tvm.transform.Sequential([pack_weights(target), build_pipeline(target)], name="hyq.Build")
+
+
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
     """The Relax module compiled for `target` by the build passes."""
-    return compile_module(mod, target)
+    return tvm.compile(mod, target=target, relax_pipeline=build_passes(target))

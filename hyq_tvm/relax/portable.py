@@ -63,14 +63,3 @@ LEGALIZE = {
     "relax.nn.gelu": _unary("gelu", _gelu),
     "relax.nn.gelu_tanh": _unary("gelu_tanh", _gelu_tanh),
 }
-
-
-def pipeline() -> tvm.transform.Pass:
-    """TVM's default Relax pipeline with portable legalizations first and fenced products last."""
-    return tvm.transform.Sequential([relax.transform.LegalizeOps(LEGALIZE), relax.get_pipeline("default"),
-                                     fence_contraction])
-
-
-def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """tvm.compile with the portable pipeline: the same float bits for every LLVM target."""
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline())

@@ -16,7 +16,7 @@ from tvm import relax
 
 from ..errors import HyqError
 from .integer import IntegerLayer
-from .portable import compile_module
+from .pipeline import build
 
 DEBUG = "main_debug"
 
@@ -114,5 +114,5 @@ def assert_bitexact(checks: list[LayerCheck]) -> None:
 def verify(mod: tvm.IRModule, layers: list[IntegerLayer], x: np.ndarray,
            target: tvm.target.Target) -> list[LayerCheck]:
     """Build debug_module(mod, layers) for `target`, run it on `x` (CPU) and check every layer."""
-    vm = relax.VirtualMachine(compile_module(debug_module(mod, layers), target), tvm.cpu())
+    vm = relax.VirtualMachine(build(debug_module(mod, layers), target), tvm.cpu())
     return check_layers(vm, layers, x)

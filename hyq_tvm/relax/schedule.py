@@ -1,0 +1,208 @@
+"""The fast CPU build: portable legalizations, operator fusion and a default schedule for every PrimFunc.
+
+TVM 0.27's default pipeline lowers every operator to its own plain loop nest. `build_pipeline` fuses them
+(FuseOps / FuseTIR) and schedules each fused PrimFunc that nothing else scheduled (`default_schedule`):
+elementwise producers inlined, the outer loops parallel, the innermost spatial loop vectorized by the
+target's vector width. Reductions keep their own loop order: only spatial loops move inside them, so each
+output is still summed in the same order and float results do not depend on the target's vector width.
+`portable.fence_contraction` stays the last step.
+"""
+from __future__ import annotations
+
+import math
+
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.target.codegen import llvm_get_vector_width
+
+from . import portable
+
+_SBLOCK_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+PARALLEL_MIN = 1 << 14   # multiply-adds or elements below which a loop nest stays on one thread
+ROW_TILE = 4             # output rows computed together in a reduction (register tile)
+
+
+def _lanes(target: tvm.target.Target) -> int:
+    """32-bit lanes in a vector register of the target."""
+    return max(llvm_get_vector_width(target), 128) // 32
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _factor(extent: int, most: int) -> int:
+    """The largest power of two that divides `extent` and is at most `most`."""
+    return math.gcd(extent, 1 << (most.bit_length() - 1))
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+_PADDING = "prim.if_then_else"
+_CHEAP = {_PADDING, "tirx.likely", "tirx.round", "tirx.nearbyint", "tirx.floor", "tirx.ceil", "tirx.trunc",
+          "tirx.fabs"}
+
+
+def _calls(block: tirx.SBlock) -> set[str]:
+    """The ops the block calls (tirx.exp, tirx.if_then_else, ...)."""
+    found = set()
+    tvm_ffi.structural_map(block.body, [(tvm.ir.Call, lambda call: found.add(call.op.name) or call)])
+    return found
+
+
+def _costly(block: tirx.SBlock) -> bool:
+    """Whether the block computes a math function (exp, sigmoid, ...): not worth computing twice, nor lane by lane."""
+    return bool(_calls(block) - _CHEAP)
+
+
+def _inline(sch: s_tir.Schedule) -> None:
+    """Inline spatial blocks into their consumers (or consumers into them), except math functions into
+    several consumers (computed twice) or into padding (computed lane by lane)."""
+    root = sch.get_sblock("root")
+    changed = True
+    while changed:
+        changed = False
+        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+        for block in sch.get_child_blocks(root):
+            stmt = sch.get(block)
+            if stmt.name_hint in outputs or _is_reduction(sch, block):
+                continue
+            consumers = sch.get_consumers(block)
+            if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c))
+                                                             for c in consumers)):
+                continue
+            try:
+                sch.compute_inline(block)
+            except s_tir.schedule.ScheduleError:
+                continue
+            changed = True
+            break
+    for block in reversed(sch.get_child_blocks(root)[1:]):
+        padding = _PADDING in _calls(sch.get(block))
+        if not _is_reduction(sch, block) and not (padding and any(_costly(sch.get(p))
+                                                                  for p in sch.get_producers(block))):
+            try:
+                sch.reverse_compute_inline(block)
+            except s_tir.schedule.ScheduleError:
+                pass
+
+
+def _trivial_loops(sch: s_tir.Schedule, block) -> list | None:
+    """The block's loops, one per block iterator in the same order, or None when bound otherwise."""
+    loops = sch.get_loops(block)
+    values = _SBLOCK_REALIZE(sch, block).iter_values
+    if len(loops) != len(values) or any(not v.same_as(sch.get(l).loop_var) for l, v in zip(loops, values)):
+        return None
+    return loops
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, within: int = 0) -> list:
+    """Vectorize the block's innermost loop (split by the largest power of two dividing it) unless it is one of
+    the `within` outermost; the outer loops."""
+    loops = sch.get_loops(block)[within:]
+    if not loops:
+        return []
+    vec = _factor(_extent(sch, loops[-1]), lanes)
+    if vec < 2:
+        return loops
+    outer, inner = sch.split(loops[-1], [None, vec])
+    sch.vectorize(inner)
+    return [*loops[:-1], outer]
+
+
+def _parallel(sch: s_tir.Schedule, loops: list, work: int):
+    """Fuse `loops` into one, parallel when `work` is worth a thread pool; the fused loop."""
+    loop = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work >= PARALLEL_MIN and _extent(sch, loop) > 1:
+        sch.parallel(loop)
+    return loop
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
+    work = math.prod(_extent(sch, l) for l in sch.get_loops(block))
+    outer = _vectorize_inner(sch, block, lanes)
+    if outer:
+        _parallel(sch, outer, work)
+
+
+def _schedule_reduction(sch: s_tir.Schedule, block, lanes: int):
+    """Tile a reduction's spatial loops around its unchanged reduction loops; the outer loop, or None."""
+    loops = _trivial_loops(sch, block)
+    if loops is None:
+        return None
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    spatial = [l for l, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
+    reduce = [l for l, k in zip(loops, kinds) if k == tirx.IterVar.CommReduce]
+    if not spatial or len(spatial) + len(reduce) != len(loops):
+        return None
+    work = math.prod(_extent(sch, l) for l in loops)
+    col = spatial[-1]
+    col_o, col_i = sch.split(col, [None, _factor(_extent(sch, col), lanes)])
+    outer, inner = spatial[:-1], [col_i]
+    if outer:
+        row_o, row_i = sch.split(outer[-1], [None, _factor(_extent(sch, outer[-1]), ROW_TILE)])
+        outer, inner = [*outer[:-1], row_o], [row_i, col_i]
+    sch.reorder(*outer, col_o, *reduce, *inner)
+    fused = _parallel(sch, [*outer, col_o], work)
+    if len(inner) == 2:
+        sch.unroll(inner[0])
+    if _extent(sch, col_i) > 1:
+        sch.vectorize(col_i)
+    sch.decompose_reduction(block, reduce[0])
+    return fused
+
+
+def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool = False) -> s_tir.Schedule | None:
+    """A schedule of `func` for the CPU `target`: inlined, parallel, vectorized; None if not a CPU target."""
+    if target.kind.name != "llvm":
+        return None
+    lanes = _lanes(target)
+    sch = s_tir.Schedule(func)
+    _inline(sch)
+    root = sch.get_sblock("root")
+    anchor = None   # the outermost loop of the last reduction (all its outer loops fused): where its consumers go
+    for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
+        block = sch.get_sblock(name)
+        if _is_reduction(sch, block):
+            anchor = _schedule_reduction(sch, block, lanes)
+            continue
+        if anchor is not None:
+            try:
+                sch.reverse_compute_at(block, anchor)
+                _vectorize_inner(sch, block, lanes, within=1)
+                continue
+            except s_tir.schedule.ScheduleError:
+                pass
+        _schedule_spatial(sch, block, lanes)
+    return sch
+
+
+DEFAULT_RULE = dlight.ScheduleRule.from_callable("HyqDefaultCPU")(default_schedule)
+
+
+def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Apply `default_schedule` to every PrimFunc not marked tirx.is_scheduled."""
+    @tvm.transform.module_pass(opt_level=0, name="HyqDefaultSchedule")
+    def apply(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        with target:
+            return dlight.ApplyDefaultSchedule(DEFAULT_RULE)(mod)
+    return apply
+
+
+def fusion() -> tvm.transform.Pass:
+    """Relax operator fusion as in relax's zero / static_shape_tuning pipelines."""
+    return tvm.transform.Sequential([relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                                     relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                                     relax.transform.DeadCodeElimination()])
+
+
+def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Portable legalizations, fusion, a default schedule for `target`, TVM's default lowering, and the
+    fenced float products last."""
+    return tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), fusion(),
+                                     schedule_pass(target), relax.get_pipeline("default"),
+                                     portable.fence_contraction])
