@@ -165,7 +165,7 @@ def _fields(obj: Any, kind, where: str) -> dict[str, Any]:
 def _tensor_from_json(obj: Any, where: str) -> TensorQuant:
     args = _fields(obj, TensorQuant, where)
     for key in ("scale", "zero_point"):
-        if not isinstance(args[key], list):
+        if not isinstance(args[key], (list, tuple)):
             raise HyqError(f"{where}.{key} must be a list")
         args[key] = tuple(args[key])
     try:
@@ -176,7 +176,7 @@ def _tensor_from_json(obj: Any, where: str) -> TensorQuant:
 
 def _layer_from_json(obj: Any, where: str) -> LayerQuant:
     args = _fields(obj, LayerQuant, where)
-    if not isinstance(args["inputs"], list):
+    if not isinstance(args["inputs"], (list, tuple)):
         raise HyqError(f"{where}.inputs must be a list")
     args["inputs"] = tuple(_tensor_from_json(t, f"{where}.inputs[{i}]") for i, t in enumerate(args["inputs"]))
     if args.get("weight") is not None:
