@@ -25,17 +25,19 @@ from .schedule import PARALLEL_MIN, _factor
 ROWS = 4   # output rows per register tile
 
 
-# C[i] += A[k] * B[i, k]: one instruction group of the target (16 int32 lanes on VNNI, 4 on NEON).
-@T.prim_func(s_tir=True)
-def _vnni_desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-               c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-        T.writes(c[0:16])
-        for i, k in T.grid(16, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+def _dot_desc(lanes: int, a_dtype: str) -> tvm.tirx.PrimFunc:
+    """C[i] += A[k] * B[i, k] for i < lanes, k < 4: what one instruction group of the target computes."""
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -49,18 +51,6 @@ def _vnni_impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4),
         c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c.vload([0], "int32x16"),
             T.reinterpret(T.broadcast(a4, 16), dtype="uint8x64"), b.vload([0, 0], "int8x64"), dtype="int32x16")
-
-
-@T.prim_func(s_tir=True)
-def _neon_desc(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
-               c: T.Buffer((4,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(c[0:4], a[0:4], b[0:4, 0:4])
-        T.writes(c[0:4])
-        for i, k in T.grid(4, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -95,8 +85,8 @@ class Dot:
 
 VNNI = Dot("hyq_dot_16x4_vnni", 16, True)
 NEON = Dot("hyq_dot_4x4_neon", 4, False)
-s_tir.TensorIntrin.register(VNNI.intrin, _vnni_desc, _vnni_impl, override=True)
-s_tir.TensorIntrin.register(NEON.intrin, _neon_desc, _neon_impl, override=True)
+s_tir.TensorIntrin.register(VNNI.intrin, _dot_desc(VNNI.lanes, "uint8"), _vnni_impl, override=True)
+s_tir.TensorIntrin.register(NEON.intrin, _dot_desc(NEON.lanes, "int8"), _neon_impl, override=True)
 
 
 def dot_for(target: tvm.target.Target) -> Dot | None:
