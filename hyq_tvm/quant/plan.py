@@ -19,16 +19,14 @@ from torch import nn
 
 from ..errors import HyqError
 from ..fileio import write_json
-from .modules import QuantAct, QuantMatMul, quant_layers
-from .quantizer import QuantParams, QuantSpec, qrange
+from .modules import MODES, QuantAct, QuantMatMul, quant_layers
+from .quantizer import GRANULARITIES, MAX_BITS, MIN_BITS, QuantParams, QuantSpec, qrange
 
 FORMAT = "hyq-tvm/quantplan"
 VERSION = 1
 OPS = ("conv2d", "linear", "matmul", "norm", "softmax")
 WEIGHTED_OPS = ("conv2d", "linear")
-GRANULARITIES = ("tensor", "channel")
 MODEL_FIELDS = ("name", "num_classes", "img_size", "input_shape", "weights_sha256")
-MODES = ("partial", "full")
 
 
 @dataclass(frozen=True)
@@ -44,8 +42,8 @@ class TensorQuant:
     zero_point: tuple[int, ...]
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise HyqError(f"bits must be 2 to 8, got {self.bits!r}")
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise HyqError(f"bits must be {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise HyqError(f"granularity must be 'tensor' or 'channel', got {self.granularity!r}")
         if self.granularity == "channel" and not isinstance(self.axis, int):
@@ -154,11 +152,13 @@ def _fields(obj: Any, kind, where: str) -> dict[str, Any]:
     """The JSON object `obj` as keyword arguments of the dataclass `kind`: every field present, no other."""
     if not isinstance(obj, dict):
         raise HyqError(f"{where} is not an object")
-    names = [f.name for f in dataclasses.fields(kind)]
-    missing = [n for n in names if n not in obj and kind.__dataclass_fields__[n].default is dataclasses.MISSING]
-    unknown = sorted(set(obj) - set(names))
-    if missing or unknown:
-        raise HyqError(f"{where}: {'field ' + repr(missing[0]) + ' is missing' if missing else 'unknown field ' + repr(unknown[0])}")
+    fields = dataclasses.fields(kind)
+    missing = [f.name for f in fields if f.name not in obj and f.default is dataclasses.MISSING]
+    if missing:
+        raise HyqError(f"{where}: field {missing[0]!r} is missing")
+    unknown = sorted(set(obj) - {f.name for f in fields})
+    if unknown:
+        raise HyqError(f"{where}: unknown field {unknown[0]!r}")
     return dict(obj)
 
 

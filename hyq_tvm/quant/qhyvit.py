@@ -30,9 +30,8 @@ from tqdm import tqdm
 from ..zoo import BridgeBlock
 from .capture import capture_inputs, first_input
 from .modules import QuantAct, QuantLayer, QuantMatMul, forward_order, quant_layers
-from .quantizer import QuantParams, QuantSpec, minmax_params, params_from_range, reduce_range
+from .quantizer import GRANULARITIES, QuantParams, QuantSpec, minmax_params, params_from_range, reduce_range
 
-GRANULARITIES = ("tensor", "channel")
 SCHEMES = ("symmetric", "asymmetric")
 
 

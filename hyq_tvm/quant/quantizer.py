@@ -15,6 +15,7 @@ import torch
 from ..errors import HyqError
 
 MIN_BITS, MAX_BITS = 2, 8
+GRANULARITIES = ("tensor", "channel")  # the values of QuantSpec.granularity
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
