@@ -31,7 +31,7 @@ def runners(artifact: Path, threads: int, scratch: Path, weights: str | None = N
     import tvm
     from tvm import relax
 
-    from .build import load_artifact
+    from .artifact import load_artifact
     from .onnx_qdq import export_onnx, onnx_session
     from .quant.plan import QuantPlan
     from .quant.prepare import quantized_model

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hyq_tvm import data
-from hyq_tvm.build import METADATA, ONNX, PLAN
+from hyq_tvm.artifact import METADATA, ONNX, PLAN
 from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.build import compile_plan
 from hyq_tvm.errors import HyqError

@@ -13,7 +13,7 @@ from torch import nn
 from tvm import relax
 
 from hyq_tvm import data
-from hyq_tvm.build import LIBRARY, METADATA, PLAN, atomic_dir
+from hyq_tvm.artifact import LIBRARY, METADATA, PLAN, atomic_dir
 from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.build import compile_plan
 from hyq_tvm.cli.compile import main

@@ -32,7 +32,7 @@ from .fleet import parse_addr, tracker_summary
 from .icount import server_counts
 from ..errors import HyqError
 from ..fileio import atomic_path, sha256_file, write_json
-from ..build import LIBRARY, Artifact, load_artifact
+from ..artifact import LIBRARY, Artifact, load_artifact
 from ..targets import target_for_key
 
 DEFAULT_LIMIT = 200
