@@ -13,11 +13,11 @@ from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.quant.prepare import quantized_model
 from hyq_tvm.relax.importer import marked_var
 from hyq_tvm.relax.integer import integerize_layers
-from hyq_tvm.relax.pipeline import build, lower
+from hyq_tvm.relax.pipeline import lower
 from hyq_tvm.relax.verify import (
     assert_bitexact,
     check_layers,
-    debug_module,
+    debug_vm,
     first_mismatch,
     run_debug,
     verify,
@@ -91,7 +91,7 @@ def test_every_layer_of_a_tiny_graph_is_bit_exact(tiny):
     mod, layers, x = tiny
     assert [(layer.name, layer.op) for layer in layers] == [("stem", "conv2d"), ("fc", "matmul"), ("attn", "matmul")]
     assert [layer.out_scale is None for layer in layers] == [False, False, True]
-    vm = relax.VirtualMachine(build(debug_module(mod, layers), TARGET), tvm.cpu())
+    vm = debug_vm(mod, layers, TARGET)
     checks = check_layers(vm, layers, x)
     assert all(c.exact and c.mismatches == 0 and c.max_abs_diff == 0 for c in checks), checks
     assert first_mismatch(checks) is None
@@ -121,7 +121,7 @@ def test_mobilevit_xxs_is_bit_exact_layer_by_layer_and_agrees_with_fake_quant():
     integer_layers = {n for n, e in plan.layers.items() if e.op in ("conv2d", "linear", "matmul")}
     assert {layer.name for layer in layers} == integer_layers  # a conv may have both an int8 and a float result
     assert len({(layer.name, layer.out_dtype) for layer in layers}) == len(layers)
-    vm = relax.VirtualMachine(tvm.compile(debug_module(mod, layers), target=TARGET), tvm.cpu())
+    vm = debug_vm(mod, layers, TARGET)
     info = plan.model
     images = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], limit=16, batch_size=16)))[0]
     for x in images[:2]:

@@ -30,8 +30,8 @@ from ..quant.modules import MODES
 from ..quant.plan import QuantPlan
 from ..quant.prepare import quantized_model
 from ..relax.integer import IntegerLayer
-from ..relax.pipeline import build as build_module, lower
-from ..relax.verify import check_values, debug_module, first_mismatch, run_debug
+from ..relax.pipeline import lower
+from ..relax.verify import check_values, debug_vm, first_mismatch, run_debug
 from ..targets import load_target
 from .options import add_bits, add_report_args, start_report
 
@@ -52,11 +52,10 @@ def cached_plan(model: str, sha: str, method: str, bits: int, mode: str, work_di
     return plan
 
 
-def build(plan: QuantPlan) -> tuple[relax.VirtualMachine, list[IntegerLayer]]:
+def host_graph(plan: QuantPlan) -> tuple[relax.VirtualMachine, list[IntegerLayer]]:
     """The plan's integer graph with its debug function, built for the host, and its integer layers."""
     lowered = lower(plan)
-    executable = build_module(debug_module(lowered.mod, lowered.layers), load_target("host").tvm_target())
-    return relax.VirtualMachine(executable, tvm.cpu()), lowered.layers
+    return debug_vm(lowered.mod, lowered.layers, load_target("host").tvm_target()), lowered.layers
 
 
 def integer_logits(vm: relax.VirtualMachine, images: torch.Tensor) -> np.ndarray:
@@ -98,7 +97,7 @@ def report_row(model: str, sha: str, method: str, bits: int, mode: str, limit: i
     """Agreement, the top-1s and the bit-exact check of one model at WbitsAbits in `mode`."""
     plan = cached_plan(model, sha, method, bits, mode, work_dir)
     start = time.perf_counter()
-    vm, layers = build(plan)
+    vm, layers = host_graph(plan)
     with tempfile.TemporaryDirectory() as scratch:
         session = onnx_session(export_onnx(plan, Path(scratch) / "model.onnx"))
     built = time.perf_counter()

@@ -111,8 +111,12 @@ def assert_bitexact(checks: list[LayerCheck]) -> None:
                        f" {bad.mismatches} value(s) differ, by up to {bad.max_abs_diff:g}")
 
 
+def debug_vm(mod: tvm.IRModule, layers: list[IntegerLayer], target: tvm.target.Target) -> relax.VirtualMachine:
+    """debug_module(mod, layers) built for `target` (a CPU) and loaded."""
+    return relax.VirtualMachine(build(debug_module(mod, layers), target), tvm.cpu())
+
+
 def verify(mod: tvm.IRModule, layers: list[IntegerLayer], x: np.ndarray,
            target: tvm.target.Target) -> list[LayerCheck]:
     """Build debug_module(mod, layers) for `target`, run it on `x` (CPU) and check every layer."""
-    vm = relax.VirtualMachine(build(debug_module(mod, layers), target), tvm.cpu())
-    return check_layers(vm, layers, x)
+    return check_layers(debug_vm(mod, layers, target), layers, x)
