@@ -25,7 +25,8 @@ from hyq_tvm.errors import HyqError
 from hyq_tvm.targets import elf_arch, emulated_targets, host_arch, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
-BOARD_TARGETS = {"rasp4b": "cortex-a72", "rasp3b": "cortex-a53", "jetson-nano": "cortex-a57", "rk3399": "cortex-a72"}
+BOARD_TARGETS = {"rasp4b": "cortex-a72", "rasp3b": "cortex-a53", "jetson-nano": "cortex-a57", "rk3399": "cortex-a72",
+                 "rasp5": "cortex-a76"}
 
 
 def cli(*args, timeout=900):
@@ -64,8 +65,8 @@ def test_board_targets_are_data():
 
 
 def test_unknown_target_lists_the_board_targets():
-    with pytest.raises(HyqError, match=r"unknown target 'rasp5'; known targets: host, jetson-nano, rasp3b, rasp4b, rk3399"):
-        load_target("rasp5")
+    with pytest.raises(HyqError, match=r"unknown target 'rasp9'; known targets: host, jetson-nano, rasp3b, rasp4b, rasp5, rk3399"):
+        load_target("rasp9")
 
 
 def test_tracker_unreachable_is_one_line(tmp_path):

@@ -43,16 +43,17 @@ def need_root():
 
 def test_board_table():
     assert {b: BOARDS[b].qemu_cpu for b in BOARDS} == {
-        "rasp4b": "cortex-a72", "rasp3b": "cortex-a53", "jetson-nano": "cortex-a57", "rk3399": "cortex-a72"}
+        "rasp4b": "cortex-a72", "rasp3b": "cortex-a53", "jetson-nano": "cortex-a57", "rk3399": "cortex-a72",
+        "rasp5": "cortex-a76"}
     assert get_board("rasp4b").target() == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72",
                                              "mattr": ["+neon"], "num-cores": 4}
 
 
 def test_unknown_board(tmp_path):
-    r = cli("start", "rasp5", env={"HYQ_TVM_CACHE": str(tmp_path)})
+    r = cli("start", "rasp9", env={"HYQ_TVM_CACHE": str(tmp_path)})
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unknown board 'rasp5'")
+    assert len(lines) == 1 and lines[0].startswith("error: unknown board 'rasp9'")
     for name, cpu in (("rasp4b", "cortex-a72"), ("rasp3b", "cortex-a53"), ("jetson-nano", "cortex-a57"),
                       ("rk3399", "cortex-a72")):
         assert f"{name} (-cpu {cpu})" in lines[0]
@@ -79,7 +80,7 @@ def test_missing_qemu_names_the_package(monkeypatch):
 def test_stop_with_nothing_running(tmp_path):
     assert fleet.stop(cache=tmp_path, state_file=tmp_path / "s.json") == []
     with pytest.raises(HyqError, match="unknown board"):
-        fleet.stop("rasp5", cache=tmp_path, state_file=tmp_path / "s.json")
+        fleet.stop("rasp9", cache=tmp_path, state_file=tmp_path / "s.json")
 
 
 @pytest.mark.slow

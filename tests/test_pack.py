@@ -1,10 +1,13 @@
 """Packed int8 GEMMs (hyq_tvm.relax.pack): exact against numpy, and the target's dot-product instructions."""
+import re
+
 import numpy as np
 import pytest
 import tvm
 from tvm import relax
 
 from hyq_tvm.relax import pack
+from hyq_tvm.relax.integer.gemm import conv2d
 from hyq_tvm.relax.pipeline import build
 from hyq_tvm.targets import load_target
 
@@ -24,12 +27,21 @@ def _module(x_shape, weight, op):
 
 def _matmul():
     w = RNG.integers(-128, 128, (36, 40), dtype=np.int8)
-    return _module((4, 16, 36), w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w
+    return _module((4, 16, 36), w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w, {}
 
 
-def _conv1x1():
-    w = RNG.integers(-128, 128, (20, 24, 1, 1), dtype=np.int8)
-    return _module((1, 24, 4, 8), w, lambda x, c: relax.op.nn.conv2d(x, c, out_dtype="int32")), w
+def _conv(kernel=(1, 1), **attrs):
+    def case():
+        w = RNG.integers(-128, 128, (20, 6, *kernel), dtype=np.int8)
+        conv = lambda x, c: relax.op.nn.conv2d(x, c, out_dtype="int32", **attrs)   # noqa: E731
+        return _module((1, 6, 9, 8), w, conv), w, attrs
+    return case
+
+
+_conv1x1 = _conv()
+CASES = [_matmul, _conv1x1, _conv((3, 3)), _conv((3, 3), strides=2, padding=1), _conv((2, 1)),
+         _conv((3, 3), strides=3, padding=1),   # 9 pixels: fewer than the lanes, the row-major kernel
+         _conv((3, 2), strides=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1))]
 
 
 def _asm(executable) -> str:
@@ -37,13 +49,13 @@ def _asm(executable) -> str:
 
 
 def _kernels(mod):
-    return [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("hyq_gemm")]
+    return [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith(("hyq_gemm", "hyq_conv"))]
 
 
 @pytest.mark.skipif(pack.dot_for(HOST) is None, reason="host has no AVX-512 VNNI / NEON")
-@pytest.mark.parametrize("case", [_matmul, _conv1x1])
+@pytest.mark.parametrize("case", CASES)
 def test_packed_gemm_is_exact_and_uses_the_dot_instruction(case):
-    mod, w = case()
+    mod, w, attrs = case()
     packed = pack.pack_weights(HOST)(mod)
     assert _kernels(packed)
     ex = build(packed, HOST)
@@ -53,23 +65,28 @@ def test_packed_gemm_is_exact_and_uses_the_dot_instruction(case):
     if w.ndim == 2:
         want = x.astype(np.int32) @ w.astype(np.int32)
     else:
-        want = np.einsum("nchw,oc->nohw", x.astype(np.int32), w[:, :, 0, 0].astype(np.int32))
+        pad = attrs.get("padding", 0)
+        pad = (pad,) * 4 if isinstance(pad, int) else pad
+        pair = lambda v: (v, v) if isinstance(v, int) else v   # noqa: E731
+        want = conv2d(x, w, pair(attrs.get("strides", 1)), pad, pair(attrs.get("dilation", 1)))
     np.testing.assert_array_equal(got, want)
     if pack.dot_for(HOST) is pack.VNNI:
         assert "vpdpbusd" in _asm(ex)
 
 
-def test_aarch64_cross_build_uses_neon_dot_products():
-    target = load_target("rasp4b").tvm_target()
-    mod, _ = _conv1x1()
-    ex = build(mod, target)
-    asm = _asm(ex)
-    assert "smull" in asm and ("sadalp" in asm or "saddlp" in asm)
+@pytest.mark.parametrize("case", [_matmul, _conv((3, 3), padding=1)])
+def test_aarch64_cross_build_uses_the_board_dot_products(case):
+    mod, _, _ = case()
+    vector_smull = re.compile(r"\bsmull2?\s+v\d+")
+    asm = _asm(build(mod, load_target("rasp4b").tvm_target()))   # Cortex-A72: Armv8.0, no dot product
+    assert vector_smull.search(asm) and ("sadalp" in asm or "saddlp" in asm) and "sdot" not in asm
+    asm = _asm(build(mod, load_target("rasp5").tvm_target()))    # Cortex-A76: +dotprod
+    assert "sdot" in asm and not vector_smull.search(asm)
 
 
 def test_pack_layout():
     w = RNG.integers(-128, 128, (6, 20), dtype=np.int8)
-    packed, offset = pack.pack(w, pack.VNNI)
+    packed, offset = pack.pack(w, pack.VNNI), pack.shift_offset(w, pack.VNNI)
     assert packed.shape == (2, 2, 16, 4)
     assert packed[1, 1, 3, 1] == w[5, 19] and packed[1, 1, 5, 1] == 0 and packed[0, 1, 0, 2] == 0
     np.testing.assert_array_equal(offset, -128 * w.astype(np.int32).sum(axis=0))

@@ -1,13 +1,14 @@
 """Int8 GEMMs whose constant weights are packed at compile time for the target's dot-product instruction.
 
-`pack_weights(target)` rewrites relax.matmul (int8 activations x constant int8 (K, N) weight) and 1x1
-relax.nn.conv2d (stride 1, no padding, one group, NCHW / OIHW, int8 input, constant int8 weight), both with
-out_dtype int32, into call_tir of one scheduled, tensorized GEMM kernel per shape:
+`pack_weights(target)` rewrites relax.matmul (int8 activations x constant int8 (K, N) weight) and relax.nn.conv2d
+(batch 1, one group, NCHW / OIHW, int8 input, constant int8 weight; any kernel size, stride, dilation and zero
+padding), both with out_dtype int32, into call_tir of one scheduled, tensorized GEMM kernel per shape:
 - x86-64 with AVX-512 VNNI: vpdpbusd multiplies uint8 by int8. The activations enter as a + 128 (uint8)
   and the kernel adds -128 * the column sums of W back (exact). Weights packed (N/16, K/4, 16, 4).
-- aarch64: smull + sadalp + addp (NEON, int8 x int8). Weights packed (N/4, K/4, 4, 4).
-Other targets get the module unchanged. A 1x1 convolution (batch 1) is the GEMM of its input read as (H*W, C),
-written back as NCHW.
+- aarch64: sdot where the target has +dotprod (Armv8.2, e.g. Cortex-A76), else smull + saddlp + addp (NEON,
+  Armv8.0, e.g. Cortex-A72 / A53), int8 x int8. Weights packed (N/4, K/4, 4, 4).
+Other targets get the module unchanged. A convolution is the GEMM of its input read window by window (im2col:
+row = output pixel, column = (channel, dy, dx)) by its weight as (C*kh*kw, O), written back as NCHW.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from .schedule import PARALLEL_MIN, _factor
 ROWS = 4   # output rows per register tile
 
 
-def _dot_desc(lanes: int, a_dtype: str) -> tvm.tirx.PrimFunc:
+def _dot_desc(lanes: int, a_dtype: str, b_dtype: str = "int8") -> tvm.tirx.PrimFunc:
     """C[i] += A[k] * B[i, k] for i < lanes, k < 4: what one instruction group of the target computes."""
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+    def desc(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), b_dtype, offset_factor=1),
              c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
@@ -54,6 +55,19 @@ def _vnni_impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4),
 
 
 @T.prim_func(s_tir=True)
+def _vnni_lanes_impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((16, 4), "uint8", offset_factor=1),
+                     c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # the same instruction with the roles swapped: B (uint8 activations) in lanes, A (int8 weights) broadcast.
+    with T.sblock("root"):
+        T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+        T.writes(c[0:16])
+        a4 = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+        c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c.vload([0], "int32x16"),
+            b.vload([0, 0], "uint8x64"), T.reinterpret(T.broadcast(a4, 16), dtype="int8x64"), dtype="int32x16")
+
+
+@T.prim_func(s_tir=True)
 def _neon_impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
                c: T.Buffer((4,), "int32", offset_factor=1)) -> None:
     # rows 0-1 and 2-3 of B times A twice over: smull to int16, saddlp to int32 pairs, addp to one sum per row.
@@ -74,19 +88,36 @@ def _neon_impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"), low, high, dtype="int32x4")
 
 
+@T.prim_func(s_tir=True)
+def _sdot_impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
+               c: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+    # Armv8.2 dot product: lane i of C += the 4 products of row i of B with A (broadcast to every lane).
+    with T.sblock("root"):
+        T.reads(c[0:4], a[0:4], b[0:4, 0:4])
+        T.writes(c[0:4])
+        a16 = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        c[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), c.vload([0], "int32x4"),
+            b.vload([0, 0], "int8x16"), a16, dtype="int32x4")
+
+
 @dataclass(frozen=True)
 class Dot:
     """A dot-product instruction group: `lanes` int32 outputs, each the sum of 4 int8 products."""
 
-    intrin: str
+    intrin: str         # activations broadcast, weights in lanes
+    lanes_intrin: str   # weights broadcast, activations in lanes
     lanes: int
-    shift: bool   # activations enter as uint8 (a + 128)
+    shift: bool         # activations enter as uint8 (a + 128)
 
 
-VNNI = Dot("hyq_dot_16x4_vnni", 16, True)
-NEON = Dot("hyq_dot_4x4_neon", 4, False)
+VNNI = Dot("hyq_dot_16x4_vnni", "hyq_dot_16x4_vnni_lanes", 16, True)
+NEON = Dot("hyq_dot_4x4_neon", "hyq_dot_4x4_neon", 4, False)   # int8 x int8: one instruction group serves both
+SDOT = Dot("hyq_dot_4x4_sdot", "hyq_dot_4x4_sdot", 4, False)
 s_tir.TensorIntrin.register(VNNI.intrin, _dot_desc(VNNI.lanes, "uint8"), _vnni_impl, override=True)
+s_tir.TensorIntrin.register(VNNI.lanes_intrin, _dot_desc(VNNI.lanes, "int8", "uint8"), _vnni_lanes_impl, override=True)
 s_tir.TensorIntrin.register(NEON.intrin, _dot_desc(NEON.lanes, "int8"), _neon_impl, override=True)
+s_tir.TensorIntrin.register(SDOT.intrin, _dot_desc(SDOT.lanes, "int8"), _sdot_impl, override=True)
 
 
 def dot_for(target: tvm.target.Target) -> Dot | None:
@@ -94,41 +125,80 @@ def dot_for(target: tvm.target.Target) -> Dot | None:
     if target.kind.name != "llvm":
         return None
     if target.attrs.get("feature.is_aarch64", False):
-        return NEON
+        return SDOT if target_has_features("dotprod", target) else NEON
     return VNNI if target_has_features("avx512vnni", target) else None
 
 
-def pack(weight: np.ndarray, dot: Dot) -> tuple[np.ndarray, np.ndarray]:
-    """A (K, N) int8 weight as (N/lanes, K/4, lanes, 4), zero-padded, and the int32 term the kernel adds per column."""
+def shift_offset(weight: np.ndarray, dot: Dot) -> np.ndarray:
+    """The int32 term a kernel adds per column of the (K, N) weight: -128 * its column sums when the activations
+    enter shifted by +128, else zero."""
+    offset = -128 * weight.astype(np.int32).sum(axis=0) if dot.shift else np.zeros(weight.shape[1], np.int32)
+    return offset.astype(np.int32)
+
+
+def pack(weight: np.ndarray, dot: Dot) -> np.ndarray:
+    """A (K, N) int8 weight as (N/lanes, K/4, lanes, 4), zero-padded."""
     k, n = weight.shape
     padded = np.zeros((-(-k // 4) * 4, -(-n // dot.lanes) * dot.lanes), np.int8)
     padded[:k, :n] = weight
     kp, np_ = padded.shape
     packed = padded.reshape(kp // 4, 4, np_ // dot.lanes, dot.lanes).transpose(2, 0, 3, 1)
-    offset = -128 * weight.astype(np.int32).sum(axis=0) if dot.shift else np.zeros(n, np.int32)
-    return np.ascontiguousarray(packed), offset.astype(np.int32)
+    return np.ascontiguousarray(packed)
 
 
-def gemm(m: int, k: int, n: int, dot: Dot, image: tuple[int, int] | None = None) -> tvm.tirx.PrimFunc:
+@dataclass(frozen=True)
+class Window:
+    """Where a batch-1 NCHW convolution reads its input: the GEMM's row i is output pixel (i // out_w, i % out_w),
+    column j is (channel, dy, dx) = (j // (kh * kw), j // kw % kh, j % kw) of a (kh, kw) window, zero outside."""
+
+    in_shape: tuple[int, int, int]    # C, H, W
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]   # top, left, bottom, right
+    out_hw: tuple[int, int]
+
+    def read(self, a: te.Tensor, i, j) -> tvm.tirx.PrimExpr:
+        """Element (i, j) of the GEMM operand, a being the (1, C, H, W) image already padded by `padded`."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilation
+        y = i // self.out_hw[1] * sh + j // kw % kh * dh
+        x = i % self.out_hw[1] * sw + j % kw * dw
+        return a[0, j // (kh * kw), y, x]
+
+    def padded(self, a: te.Tensor) -> te.Tensor:
+        """The image with the window's zero padding (a itself when there is none)."""
+        top, left, bottom, right = self.padding
+        if not any(self.padding):
+            return a
+        c, h, w = self.in_shape
+        return te.compute((1, c, h + top + bottom, w + left + right), lambda _, ch, y, x: te.if_then_else(
+            tvm.tirx.all(y >= top, y < h + top, x >= left, x < w + left), a[0, ch, y - top, x - left],
+            tvm.tirx.const(0, "int8")), name="pad")
+
+
+def gemm(m: int, k: int, n: int, dot: Dot, window: Window | None = None) -> tvm.tirx.PrimFunc:
     """out[m, n] = sum_k a[m, k] * w[k, n] (int8 -> int32) with w packed by `pack`, scheduled and tensorized.
-    image (h, w), h * w = m: a given as (1, k, h, w) and out as (1, n, h, w), a 1x1 NCHW convolution."""
+    With a `window`, a is a (1, C, H, W) image read through it and out is (1, n, out_h, out_w): a convolution."""
     kp, np_, lanes = -(-k // 4) * 4, -(-n // dot.lanes) * dot.lanes, dot.lanes
-    a = te.placeholder((1, k, *image) if image else (m, k), "int8", "a")
+    a = te.placeholder((1, *window.in_shape) if window else (m, k), "int8", "a")
     w = te.placeholder((np_ // lanes, kp // 4, lanes, 4), "int8", "w")
     offset = te.placeholder((n,), "int32", "offset")
     zero, operand = (128, "uint8") if dot.shift else (0, "int8")
-    plain = not dot.shift and k == kp and not image   # a is already the kernel's operand
+    plain = not dot.shift and k == kp and not window   # a is already the kernel's operand
+
+    image = window.padded(a) if window else None
 
     def load(i, j):
-        value = a[0, j, i // image[1], i % image[1]] if image else a[i, j]
+        value = window.read(image, i, j) if window else a[i, j]
         return (value.astype("int32") + zero).astype(operand)
     au = a if plain else te.compute((m, kp), lambda i, j: te.if_then_else(
         j < k, load(i, j), tvm.tirx.const(zero, operand)), name="a_in")
     r = te.reduce_axis((0, kp), "r")
     acc = te.compute((m, np_), lambda i, j: te.sum(
         au[i, r].astype("int32") * w[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r), name="acc")
-    if image:
-        out = te.compute((1, n, *image), lambda _, j, y, x: acc[y * image[1] + x, j] + offset[j], name="out")
+    if window:
+        ow = window.out_hw[1]
+        out = te.compute((1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
     else:
         out = te.compute((m, n), lambda i, j: acc[i, j] + offset[j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([a, w, offset, out]))
@@ -155,6 +225,70 @@ def gemm(m: int, k: int, n: int, dot: Dot, image: tuple[int, int] | None = None)
     return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # 8: kOpaque, not fused
 
 
+def pack_rows(weight: np.ndarray) -> np.ndarray:
+    """A (K, N) int8 weight as (N, K) rows, K zero-padded to a multiple of 4."""
+    k, n = weight.shape
+    rows = np.zeros((n, -(-k // 4) * 4), np.int8)
+    rows[:, :k] = weight.T
+    return rows
+
+
+def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
+    """out[n, p] = sum_k w[n, k] * a[k, p] (int8 -> int32) for the output pixels p of a convolution reading the
+    (1, C, H, W) image a through `window`, w as `pack_rows`: the pixels in the instruction's lanes, the weights
+    broadcast, so the result is written channel by channel as NCHW."""
+    lanes, m = dot.lanes, math.prod(window.out_hw)
+    kp, mp = -(-k // 4) * 4, -(-m // lanes) * lanes
+    a = te.placeholder((1, *window.in_shape), "int8", "a")
+    w = te.placeholder((n, kp), "int8", "w")
+    offset = te.placeholder((n,), "int32", "offset")
+    zero, operand = (128, "uint8") if dot.shift else (0, "int8")
+
+    image = window.padded(a)
+
+    def load(r4, i, q):
+        value = (window.read(image, i, r4 * 4 + q).astype("int32") + zero).astype(operand)
+        inside = [cond for cond, needed in ((i < m, mp > m), (r4 * 4 + q < k, kp > k)) if needed]
+        return te.if_then_else(tvm.tirx.all(*inside), value, tvm.tirx.const(zero, operand)) if inside else value
+    a_in = te.compute((kp // 4, mp, 4), load, name="a_in")
+    r = te.reduce_axis((0, kp), "r")
+    acc = te.compute((n, mp), lambda j, i: te.sum(
+        w[j, r].astype("int32") * a_in[r // 4, i, r % 4].astype("int32"), axis=r), name="acc")
+    ow = window.out_hw[1]
+    out = te.compute((1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, offset, out]))
+
+    if any(window.padding):
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("pad"))[-1], [None, lanes])[1])
+    r4, i, q = sch.get_loops(sch.get_sblock("a_in"))
+    if mp == m:   # one channel (r4, q) at a time, row by row: contiguous (strided) reads along x
+        y, x = sch.split(i, [None, window.out_hw[1]])
+        sch.reorder(r4, q, y, x)
+        xo, xi = sch.split(x, [None, _factor(window.out_hw[1], lanes)])
+        sch.vectorize(xi)
+    else:
+        sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
+    block = sch.get_sblock("acc")
+    j, i, r = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, _factor(n, ROWS)])
+    io, ii = sch.split(i, [None, lanes])
+    ro, ri = sch.split(r, [None, 4])
+    sch.reorder(jo, io, ro, ji, ii, ri)
+    outer = sch.fuse(jo, io)
+    if m * n * k >= PARALLEL_MIN:
+        sch.parallel(outer)
+    sch.unroll(ji)
+    out_block = sch.get_sblock("out")
+    if m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0):   # a tile of pixels is whole rows or part of one
+        sch.reverse_compute_at(out_block, outer)
+        sch.vectorize(sch.get_loops(out_block)[-1])
+    init = sch.decompose_reduction(block, ro)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ii, dot.lanes_intrin)
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
 def _const_int8(expr: relax.Expr) -> np.ndarray | None:
     if isinstance(expr, tvm.ir.expr.Constant) and expr.ty.dtype == "int8":
         return expr.value.numpy()
@@ -171,19 +305,33 @@ class _Packer(relax.PyExprMutator):
         super().__init__(mod)
         self.dot, self.kernels = dot, {}
 
-    def _gemm(self, a: relax.Expr, weight: np.ndarray) -> relax.Expr:
-        """call_tir of the packed GEMM of the activations `a`, (M, K) or (1, K, H, W), by the (K, N) `weight`."""
-        shape, n = [int(d) for d in a.ty.shape], weight.shape[1]
-        image = tuple(shape[2:]) if len(shape) == 4 else None
-        m, k = (math.prod(image), shape[1]) if image else shape
-        key = (m, k, n, image)
+    def _kernel(self, key: tuple, make, name: str) -> relax.GlobalVar:
         if key not in self.kernels:
-            name = f"hyq_gemm_{m}x{k}x{n}" + "_nchw" * bool(image)
-            self.kernels[key] = self.builder_.add_func(gemm(m, k, n, self.dot, image), name)
-        packed, offset = pack(weight, self.dot)
-        out = (1, n, *image) if image else (m, n)
-        return relax.call_tir(self.kernels[key], [a, relax.const(packed), relax.const(offset)],
-                              relax.TensorType(out, "int32"))
+            self.kernels[key] = self.builder_.add_func(make(), name)
+        return self.kernels[key]
+
+    def _gemm(self, a: relax.Expr, weight: np.ndarray, window: Window | None = None) -> relax.Expr:
+        """call_tir of the packed GEMM of the (M, K) activations `a`, or of the (1, C, H, W) image `a` read
+        through `window`, by the (K, N) `weight`."""
+        k, n = weight.shape
+        m = math.prod(window.out_hw) if window else int(a.ty.shape[0])
+        kernel = self._kernel(("rows", m, k, n, window), lambda: gemm(m, k, n, self.dot, window),
+                              f"hyq_gemm_{m}x{k}x{n}" + ("_conv" if window else ""))
+        args = [a, relax.const(pack(weight, self.dot)), relax.const(shift_offset(weight, self.dot))]
+        out = (1, n, *window.out_hw) if window else (m, n)
+        return relax.call_tir(kernel, args, relax.TensorType(out, "int32"))
+
+    def _conv(self, a: relax.Expr, weight: np.ndarray, window: Window) -> relax.Expr:
+        """The convolution of the image `a` by the OIHW `weight` through `window`."""
+        columns = weight.reshape(weight.shape[0], -1).T
+        k, n = columns.shape
+        m = math.prod(window.out_hw)
+        if m < self.dot.lanes:   # too few pixels to fill the lanes
+            return self._gemm(a, columns, window)
+        kernel = self._kernel(("lanes", k, n, window), lambda: conv_gemm(window, k, n, self.dot),
+                              f"hyq_conv_{m}x{k}x{n}")
+        args = [a, relax.const(pack_rows(columns)), relax.const(shift_offset(columns, self.dot))]
+        return relax.call_tir(kernel, args, relax.TensorType((1, n, *window.out_hw), "int32"))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -198,11 +346,12 @@ class _Packer(relax.PyExprMutator):
             a = self.builder_.emit(relax.op.reshape(x, (math.prod(shape[:-1]), shape[-1])))
             out = self.builder_.emit(self._gemm(a, weight))
             return relax.op.reshape(out, (*shape[:-1], weight.shape[1]))
-        if (name == "relax.nn.conv2d" and weight.shape[2:] == (1, 1) and int(attrs.groups) == 1 and shape[0] == 1
-                and attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW" and attrs.out_layout == "NCHW"
-                and all(int(v) == 1 for v in [*attrs.strides, *attrs.dilation])
-                and all(int(v) == 0 for v in attrs.padding)):
-            return self._gemm(x, weight[:, :, 0, 0].T)
+        if (name == "relax.nn.conv2d" and int(attrs.groups) == 1 and shape[0] == 1
+                and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")):
+            window = Window(tuple(shape[1:]), weight.shape[2:], *(tuple(int(v) for v in getattr(attrs, a))
+                                                                  for a in ("strides", "dilation", "padding")),
+                            tuple(int(d) for d in call.ty.shape)[2:])
+            return self._conv(x, weight, window)
         return call
 
 

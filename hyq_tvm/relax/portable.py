@@ -8,7 +8,8 @@ partial mode) are not, for two reasons found by running one module on x86-64 and
   `llvm.arithmetic.fence`, so each product is rounded on its own, as IEEE and numpy do.
 - erf and tanh are libm calls, and glibc's erff differs between x86-64 and aarch64. They are legalized
   with TVM's own polynomials (topi.fast_erf / fast_tanh, within 7 ULP of the true value) instead.
-exp stays libm's expf (the same glibc algorithm gives the same bits on both).
+exp (in SiLU, sigmoid and softmax) is TVM's polynomial topi.fast_exp rather than libm's expf: the same bits on
+both targets as well, and made of adds, multiplies and a floor, so it vectorizes (expf is called lane by lane).
 """
 from __future__ import annotations
 
@@ -57,7 +58,26 @@ def _gelu_tanh(x: te.Tensor) -> te.Tensor:
     return tirx.const(0.5, x.dtype) * x * (1 + topi.fast_tanh(inner))
 
 
+def _sigmoid(x: te.Tensor) -> te.Tensor:
+    one, exp = tirx.const(1.0, x.dtype), _exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: one / (one + exp(*i)), name="sigmoid")
+
+
+def _exp(x: te.Tensor) -> te.Tensor:
+    return topi.fast_exp(x) if x.dtype == "float32" else topi.exp(x)
+
+
+def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    x = call.args[0]
+    compute = topi.nn.fast_softmax if x.ty.dtype == "float32" else topi.nn.softmax
+    return bb.call_te(compute, x, int(call.attrs.axis), primfunc_name_hint="softmax")
+
+
 LEGALIZE = {
+    "relax.exp": _unary("exp", _exp),
+    "relax.sigmoid": _unary("sigmoid", _sigmoid),
+    "relax.nn.silu": _unary("silu", lambda x: x * _sigmoid(x)),
+    "relax.nn.softmax": _softmax,
     "relax.erf": _unary("erf", topi.fast_erf),
     "relax.tanh": _unary("tanh", topi.fast_tanh),
     "relax.nn.gelu": _unary("gelu", _gelu),

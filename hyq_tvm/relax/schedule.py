@@ -123,8 +123,14 @@ def _parallel(sch: s_tir.Schedule, loops: list, work: int):
 
 
 def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
-    work = math.prod(_extent(sch, l) for l in sch.get_loops(block))
-    outer = _vectorize_inner(sch, block, lanes)
+    loops = sch.get_loops(block)
+    work = math.prod(_extent(sch, l) for l in loops)
+    if _PADDING in _calls(sch.get(block)) and _factor(_extent(sch, loops[-1]), lanes) < lanes:
+        # a padded row whose width the vector does not divide: LLVM vectorizes the plain row loop with its
+        # bounds check far better than a split by the few lanes that divide it
+        outer = loops[:-1]
+    else:
+        outer = _vectorize_inner(sch, block, lanes)
     if outer:
         _parallel(sch, outer, work)
 
