@@ -160,7 +160,8 @@ def _float_islands():
 
 
 @pytest.mark.slow
-def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
+@pytest.mark.parametrize("board_name", ["rasp4b", "rasp5"])
+def test_rpc_round_trip_on_emulated_board(tmp_path, board_name):
     need_tools("qemu-aarch64-static", "debootstrap", "update-binfmts", "aarch64-linux-gnu-g++")
     need_root()
     import tvm
@@ -171,15 +172,16 @@ def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
     from hyq_tvm.targets import load_target
 
     state_file = tmp_path / "devices.json"  # private state: leaves boards started by hand alone
-    state = fleet.start("rasp4b", count=1, state_file=state_file)
+    state = fleet.start(board_name, count=1, state_file=state_file)
     try:
         t, (board,) = state["tracker"], state["boards"]
-        assert board["key"] == "rasp4b" and board["qemu_cpu"] == "cortex-a72" and board["host"] == "127.0.0.1"
+        assert board["key"] == board_name and board["host"] == "127.0.0.1"
+        assert board["qemu_cpu"] == get_board(board_name).qemu_cpu
         st = fleet.status(state_file=state_file)
-        assert st["boards"][0]["alive"] and "rasp4b" in st["tracker_summary"]
+        assert st["boards"][0]["alive"] and board_name in st["tracker_summary"]
         lib = tmp_path / "tiny.so"
         _tiny_module(lib)
-        remote = rpc.connect_tracker(t["host"], t["port"]).request("rasp4b", session_timeout=300)
+        remote = rpc.connect_tracker(t["host"], t["port"]).request(board_name, session_timeout=300)
         remote.upload(str(lib))
         vm = relax.VirtualMachine(remote.load_module("tiny.so"), remote.cpu())
         rng = np.random.default_rng(0)
@@ -190,7 +192,7 @@ def test_rpc_round_trip_on_emulated_rasp4b(tmp_path):
         np.testing.assert_array_equal(out.numpy(), a @ b + c)
         # float islands compiled portably give the host's bits on the board
         mod, names, x = _float_islands()
-        build(mod, tvm.target.Target(get_board("rasp4b").target())).export_library(
+        build(mod, tvm.target.Target(get_board(board_name).target())).export_library(
             str(tmp_path / "islands.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
         remote.upload(str(tmp_path / "islands.so"))
         board_vm = relax.VirtualMachine(remote.load_module("islands.so"), remote.cpu())

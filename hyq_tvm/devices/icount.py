@@ -109,29 +109,39 @@ def _shared_libs(binary: str) -> list[Path]:
     return libs
 
 
+def _replace(src: Path, dst: Path) -> None:
+    """Copy src over dst by renaming a full copy onto it, so that a board running dst keeps its old inode
+    (copying into a running executable fails with 'Text file busy')."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def install_in_rootfs(root: Path, cache: Path | None = None) -> None:
     """Copy the dynamic qemu-aarch64 (+ libs), the plugin, a wrapper and the .pth hook into the rootfs."""
     qemu = require_tool("qemu-aarch64")
     plugin = build_plugin(cache)
     d = root / QEMU_DIR.lstrip("/")
     (d / "lib").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(qemu, d / "qemu-aarch64")
+    _replace(Path(qemu), d / "qemu-aarch64")
     loader = None
     for lib in _shared_libs(qemu):
-        shutil.copy2(lib.resolve(), d / "lib" / lib.name)
+        _replace(lib.resolve(), d / "lib" / lib.name)
         if "ld-linux" in lib.name:
             loader = lib.name
     if loader is None:
         raise HyqError("could not find the x86-64 dynamic loader of qemu-aarch64")
-    shutil.copy2(plugin, d / "icount.so")
+    _replace(plugin, d / "icount.so")
     wrapper = root / WRAPPER.lstrip("/")
-    wrapper.write_text(
+    script = wrapper.with_name(f".{wrapper.name}.tmp")
+    script.write_text(
         "#!/bin/sh\n"
         f'exec {QEMU_DIR}/lib/{loader} --library-path {QEMU_DIR}/lib {QEMU_DIR}/qemu-aarch64 '
         f'-cpu "${{QEMU_CPU:-cortex-a72}}" -plugin "{QEMU_DIR}/icount.so,out=$HYQ_ICOUNT_OUT,fork=reset,'
         f'code={":".join(COUNTED_CODE)}" '
         f'{VENV}/bin/python "$@"\n')
-    wrapper.chmod(0o755)
+    script.chmod(0o755)
+    os.replace(script, wrapper)
     (root / "tmp" / "hyq-icount").mkdir(parents=True, exist_ok=True)
     (root / "tmp" / "hyq-icount").chmod(0o1777)
     site = next((root / VENV.lstrip("/") / "lib").glob("python3*/site-packages"))
