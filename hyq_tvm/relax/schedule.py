@@ -22,6 +22,7 @@ from . import portable
 _SBLOCK_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 PARALLEL_MIN = 1 << 14   # multiply-adds or elements below which a loop nest stays on one thread
 ROW_TILE = 4             # output rows computed together in a reduction (register tile)
+COSTLY_FLOAT_OPS = 16    # float operations per element above which a block counts as a math function
 
 
 def _lanes(target: tvm.target.Target) -> int:
@@ -54,9 +55,21 @@ def _calls(block: tirx.SBlock) -> set[str]:
     return found
 
 
+def _float_ops(block: tirx.SBlock) -> int:
+    """How many float multiplies, divides, adds and subtracts the block's body holds."""
+    count = [0]
+
+    def seen(expr):
+        count[0] += "float" in str(expr.ty)
+        return expr
+    tvm_ffi.structural_map(block.body, [((tirx.Mul, tirx.Div, tirx.Add, tirx.Sub), seen)])
+    return count[0]
+
+
 def _costly(block: tirx.SBlock) -> bool:
-    """Whether the block computes a math function (exp, sigmoid, ...): not worth computing twice, nor lane by lane."""
-    return bool(_calls(block) - _CHEAP)
+    """Whether the block computes a math function (exp, erf, sigmoid, ... as a call or as a polynomial): not
+    worth computing twice, nor lane by lane."""
+    return bool(_calls(block) - _CHEAP) or _float_ops(block) > COSTLY_FLOAT_OPS
 
 
 def _inline(sch: s_tir.Schedule) -> None:
