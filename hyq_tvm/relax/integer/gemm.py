@@ -92,11 +92,10 @@ def _padded_with_zero_points(x: relax.Expr, z_a: np.ndarray, shape, padding) -> 
     pad_width = [0, 0, 0, 0, top, bottom, left, right]
     if z_a.ndim == 0:
         return relax.op.nn.pad(x, pad_width, pad_value=float(z_a))
-    _, c, h, w = shape
-    inside = np.zeros((1, 1, h + top + bottom, w + left + right), bool)
-    inside[:, :, top:top + h, left:left + w] = True
-    z = relax.const(z_a.astype(np.int8).reshape(1, c, 1, 1), "int8")
-    return relax.op.where(relax.const(inside), relax.op.nn.pad(x, pad_width), z)
+    # per channel: pad x_q - z_a (exact in int16) with zeros, then add z_a back
+    z = relax.const(z_a.astype(np.int16).reshape(1, shape[1], 1, 1), "int16")
+    centered = relax.op.subtract(relax.op.astype(x, "int16"), z)
+    return relax.op.astype(relax.op.add(relax.op.nn.pad(centered, pad_width), z), "int8")
 
 
 def _conv2d(call: relax.Call, a: Operand, w: Operand, where: str) -> _Core:
