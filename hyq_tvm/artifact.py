@@ -3,6 +3,7 @@ atomically; and reading one back, checked against its metadata."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,16 @@ HOST_LIBRARY = "host.so"  # host twin of a cross-compiled model.so
 ONNX = "model.onnx"  # QDQ ONNX model of the same plan (--emit onnx)
 PLAN = "plan.json"
 METADATA = "metadata.json"
+
+
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's source (hyq_tvm/relax and the build stage): artifacts built with the same
+    fingerprint and plan are the same program."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted([*package.glob("relax/**/*.py"), package / "build.py"]):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

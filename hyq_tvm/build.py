@@ -13,7 +13,7 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
-from .artifact import write_artifact
+from .artifact import compiler_fingerprint, write_artifact
 from .errors import HyqError
 from .onnx_qdq import OPSET, export_onnx, qdq_census
 from .quant.plan import QuantPlan
@@ -67,7 +67,8 @@ def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str
     fcompile = spec.fcompile()  # the cross compiler, checked before the long stages
     metadata: dict[str, Any] = {"model": plan.model["name"], "emit": list(emit),
                                 "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
-                                "versions": {"tvm": tvm.__version__, "torch": torch.__version__}}
+                                "versions": {"tvm": tvm.__version__, "torch": torch.__version__,
+                                             "compiler": compiler_fingerprint()}}
     built: dict[str, Any] = {}
     stage = _Stages(("tvm" in emit) * (2 if spec.is_host else 3) + ("onnx" in emit), progress)
     with contextlib.closing(stage.bar), tempfile.TemporaryDirectory() as scratch:

@@ -10,6 +10,12 @@ each `hyq::mark` into the plan's QuantizeLinear / DequantizeLinear (opset 21), w
 
 Clip keeps b-bit values (carried in int8) in range when b < 8. onnxruntime runs the result: the same
 quantization as the integer graph, computed by another engine.
+
+activations="uint8" carries in uint8 the activations that onnxruntime's fast u8 x s8 kernels (x86-64) can
+take as their first operand: every per-tensor input0, its zero point and Clip bounds shifted by +128, its
+scale unchanged; the same numbers. Weights and matmuls' second operands stay int8 (s8), and so do
+channel-wise activations: onnxruntime 1.32 fuses a uint8 DequantizeLinear -> MatMul into a
+MatMulIntegerToFloat that then refuses a per-channel zero point at run time.
 """
 from __future__ import annotations
 
@@ -32,14 +38,21 @@ from .quant.plan import QuantPlan
 from .quant.qdq import activation_qdq, channel_axis, qparams, weight_values
 
 OPSET = 21
+ACTIVATIONS = {"int8": (np.int8, 0), "uint8": (np.uint8, 128)}  # carrier type, zero-point shift
 
 
 def _const(values: np.ndarray):
     return op.Constant(value=ir.tensor(np.ascontiguousarray(values)))
 
 
-def _translation(model: torch.nn.Module, plan: QuantPlan):
-    """The ONNX translation of hyq::mark for this plan and model."""
+def _carried(values, activations: str) -> np.ndarray:
+    """Zero points or Clip bounds of activations in their carrier type (uint8: shifted by +128)."""
+    dtype, shift = ACTIVATIONS[activations]
+    return (np.asarray(values, np.int16) + shift).astype(dtype)
+
+
+def _translation(model: torch.nn.Module, plan: QuantPlan, activations: str):
+    """The ONNX translation of hyq::mark for this plan and model (activations: see the module docstring)."""
 
     def mark(x, layer: str, role: str):
         entry = plan.layers[layer]
@@ -50,24 +63,31 @@ def _translation(model: torch.nn.Module, plan: QuantPlan):
             return op.DequantizeLinear(_const(weight_values(w, entry)), _const(scale), _const(zero),
                                        axis=channel_axis(t))
         qdq = activation_qdq(entry, role)
-        q = op.QuantizeLinear(x, _const(qdq.scale), _const(qdq.zero), axis=qdq.axis)
+        carrier = activations if role == "input0" and qdq.zero.ndim == 0 else "int8"
+        zero = _carried(qdq.zero, carrier)
+        q = op.QuantizeLinear(x, _const(qdq.scale), _const(zero), axis=qdq.axis)
         if qdq.clip is not None:
-            q = op.Clip(q, *(_const(np.int8(b)) for b in qdq.clip))
-        return op.DequantizeLinear(q, _const(qdq.dq_scale), _const(qdq.zero), axis=qdq.axis)
+            q = op.Clip(q, *(_const(_carried(b, carrier)) for b in qdq.clip))
+        return op.DequantizeLinear(q, _const(qdq.dq_scale), _const(zero), axis=qdq.axis)
 
     return mark
 
 
-def export_onnx(plan: QuantPlan, path: str | Path, weights: str | Path | None = None) -> Path:
-    """Write the plan's QDQ ONNX model to `path` (atomically); returns it."""
+def export_onnx(plan: QuantPlan, path: str | Path, weights: str | Path | None = None,
+                activations: str = "int8") -> Path:
+    """Write the plan's QDQ ONNX model to `path` (atomically), its activations carried in int8 as planned
+    or, where onnxruntime can use it, in uint8 (see the module docstring); returns it."""
+    if activations not in ACTIVATIONS:
+        raise HyqError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
     model = quantized_model(plan, weights)  # checks that plan, model and weights fit
     program = export_marked(model, torch.zeros(plan.model["input_shape"]))
+    translation = {torch.ops.hyq.mark.default: _translation(model, plan, activations)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=OPSET, verbose=False, optimize=False, input_names=["input"],
-            output_names=["logits"], custom_translation_table={torch.ops.hyq.mark.default: _translation(model, plan)})
+            output_names=["logits"], custom_translation_table=translation)
     if onnx_program is None:
         raise HyqError("torch.onnx.export returned no model")
     for cleanup in (passes.RemoveUnusedNodesPass(), passes.LiftConstantsToInitializersPass(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -78,32 +79,35 @@ def test_compile_emits_onnx_beside_or_instead_of_the_library(plan_w4, tmp_path):
     assert set(meta["sha256"]) == {"onnx", "plan", "weights"}
 
 
+@pytest.mark.slow
+def test_uint8_activations_compute_the_same_numbers(plan_w4, onnx_file, tmp_path):
+    u8_file = export_onnx(plan_w4, tmp_path / "u8.onnx", activations="uint8")
+    graph = onnx.load(str(u8_file)).graph
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update({n.output[0]: onnx.numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    bounds = Counter((str(constants[n.input[1]].dtype), constants[n.input[1]].item(), constants[n.input[2]].item())
+                     for n in graph.node if n.op_type == "Clip")
+    matmuls = sum(1 for entry in plan_w4.layers.values() if entry.op == "matmul")
+    assert bounds == {("uint8", 120, 135): len(plan_w4.layers),  # every input0 (per tensor here): [-8, 7] + 128
+                      ("int8", -8, 7): matmuls}  # matmuls' second operands stay int8
+    assert qdq_census(u8_file) == qdq_census(onnx_file)
+    info = plan_w4.model
+    images = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], limit=8, batch_size=8)))[0]
+    expected, got = (np.concatenate([onnx_session(f).run(None, {"input": x[None].numpy()})[0] for x in images])
+                     for f in (onnx_file, u8_file))
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_an_unknown_activation_carrier_is_refused(tmp_path):
+    with pytest.raises(HyqError, match="activations must be one of int8, uint8, not 'int4'"):
+        export_onnx(None, tmp_path / "m.onnx", activations="int4")
+
+
 def test_unknown_emit_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hyq_tvm.compile", "--emit", "tflite", "-o", str(tmp_path / "a")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'tflite'" in r.stderr
     with pytest.raises(HyqError, match="cannot emit nothing"):
         compile_plan(None, "host", tmp_path / "b", emit=())
-
-
-@pytest.mark.slow
-def test_compare_times_every_engine_against_the_tvm_graph(plan_w4, tmp_path):
-    from hyq_tvm.cli import compare
-
-    art = compile_plan(plan_w4, "host", tmp_path / "art", emit=("tvm", "onnx"))
-    compare.main(["--artifact", str(art), "--repeat", "3", "--reports", str(tmp_path / "reports")])
-    row = json.loads((tmp_path / "reports" / "host_latency.json").read_text())
-    engines = {e["engine"]: e for e in row["engines"]}
-    assert set(engines) == {"tvm_int8", "onnxruntime_qdq", "onnxruntime_fp32", "pytorch_fp32", "pytorch_fakequant"}
-    assert engines["tvm_int8"]["ratio_to_tvm"] == 1.0
-    assert all(e["latency_ms_median"] > 0 for e in engines.values())
-    base = engines["tvm_int8"]["latency_ms_median"]
-    assert all(abs(e["ratio_to_tvm"] - e["latency_ms_median"] / base) < 0.01 for e in engines.values())
-    assert "| onnxruntime_qdq |" in (tmp_path / "reports" / "host_latency.md").read_text()
-
-
-def test_compare_refuses_a_folder_that_is_not_an_artifact(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hyq_tvm.compare", "--artifact", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "not an artifact folder" in r.stderr
