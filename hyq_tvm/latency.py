@@ -3,6 +3,7 @@ int8 and with uint8 activations, onnxruntime FP32, PyTorch FP32): batch 1, the s
 a fresh process; and the host artifacts it times, calibrated and compiled once and kept in a work folder."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -27,14 +28,21 @@ ARTIFACT = "artifact"
 
 
 def median_ms(run: Callable[[], object], repeat: int, warmup: int = 3) -> float:
-    """Median wall time of `run()` in milliseconds over `repeat` calls, after `warmup` calls."""
+    """Median wall time of `run()` in milliseconds over `repeat` calls, after `warmup` calls, with Python's garbage
+    collector paused (as timeit does: its passes over the heap of torch's objects are not the engine's time)."""
     for _ in range(warmup):
         run()
     times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
     return float(np.median(times) * 1e3)
 
 

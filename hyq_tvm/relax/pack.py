@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import tvm
@@ -21,9 +22,12 @@ from tvm import relax, s_tir, te
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from .schedule import PARALLEL_MIN, _factor
+from . import schedule
+from .schedule import PARALLEL_MIN, _extent, _factor
 
 ROWS = 4   # output rows per register tile
+PACKED = "hyq.packed"   # annotation of a packed kernel's accumulation block: "layout:intrinsic:out_w:aligned"
+STAGED = "hyq.staged"   # annotation of the padding / im2col blocks that feed it
 
 
 def _dot_desc(lanes: int, a_dtype: str, b_dtype: str = "int8") -> tvm.tirx.PrimFunc:
@@ -114,6 +118,7 @@ class Dot:
 VNNI = Dot("hyq_dot_16x4_vnni", "hyq_dot_16x4_vnni_lanes", 16, True)
 NEON = Dot("hyq_dot_4x4_neon", "hyq_dot_4x4_neon", 4, False)   # int8 x int8: one instruction group serves both
 SDOT = Dot("hyq_dot_4x4_sdot", "hyq_dot_4x4_sdot", 4, False)
+DOTS = {dot.intrin: dot for dot in (VNNI, NEON, SDOT)}
 s_tir.TensorIntrin.register(VNNI.intrin, _dot_desc(VNNI.lanes, "uint8"), _vnni_impl, override=True)
 s_tir.TensorIntrin.register(VNNI.lanes_intrin, _dot_desc(VNNI.lanes, "int8", "uint8"), _vnni_lanes_impl, override=True)
 s_tir.TensorIntrin.register(NEON.intrin, _dot_desc(NEON.lanes, "int8"), _neon_impl, override=True)
@@ -176,53 +181,54 @@ class Window:
             tvm.tirx.const(0, "int8")), name="pad")
 
 
+def _dims(*shape: int) -> list[tvm.tirx.IntImm]:
+    """int64 dimensions, as in TVM's legalized operators, so that FuseOps / FuseTIR fuse the kernels with them."""
+    return [tvm.tirx.IntImm("int64", d) for d in shape]
+
+
+def _operand(dot: Dot) -> tuple[int, str]:
+    """What the kernel adds to an int8 activation, and the type the instruction takes it in."""
+    return (128, "uint8") if dot.shift else (0, "int8")
+
+
+def _annotated(func: tvm.tirx.PrimFunc, layout: str, dot: Dot, out_w: int = 0, aligned: bool = True) -> tvm.tirx.PrimFunc:
+    """The kernel with its accumulation block marked PACKED (layout, instruction, output width, whether a tile's
+    output is whole rows or part of one) and its operand blocks STAGED, fusable with the elementwise operations
+    after it (op_pattern 4: kOutEWiseFusable)."""
+    sch = s_tir.Schedule(func)
+    acc = sch.get_sblock("acc")
+    sch.annotate(acc, PACKED, f"{layout}:{dot.intrin}:{out_w}:{int(aligned)}")
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint in ("pad", "a_in"):
+            sch.annotate(block, STAGED, 1)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", 4)
+
+
 def gemm(m: int, k: int, n: int, dot: Dot, window: Window | None = None) -> tvm.tirx.PrimFunc:
-    """out[m, n] = sum_k a[m, k] * w[k, n] (int8 -> int32) with w packed by `pack`, scheduled and tensorized.
+    """out[m, n] = sum_k a[m, k] * w[k, n] (int8 -> int32) with w packed by `pack` (scheduled by `schedule_packed`).
     With a `window`, a is a (1, C, H, W) image read through it and out is (1, n, out_h, out_w): a convolution."""
     kp, np_, lanes = -(-k // 4) * 4, -(-n // dot.lanes) * dot.lanes, dot.lanes
-    a = te.placeholder((1, *window.in_shape) if window else (m, k), "int8", "a")
-    w = te.placeholder((np_ // lanes, kp // 4, lanes, 4), "int8", "w")
-    offset = te.placeholder((n,), "int32", "offset")
-    zero, operand = (128, "uint8") if dot.shift else (0, "int8")
+    a = te.placeholder(_dims(1, *window.in_shape) if window else _dims(m, k), "int8", "a")
+    w = te.placeholder(_dims(np_ // lanes, kp // 4, lanes, 4), "int8", "w")
+    offset = te.placeholder(_dims(n), "int32", "offset")
+    zero, operand = _operand(dot)
     plain = not dot.shift and k == kp and not window   # a is already the kernel's operand
-
     image = window.padded(a) if window else None
 
     def load(i, j):
         value = window.read(image, i, j) if window else a[i, j]
         return (value.astype("int32") + zero).astype(operand)
-    au = a if plain else te.compute((m, kp), lambda i, j: te.if_then_else(
+    au = a if plain else te.compute(_dims(m, kp), lambda i, j: te.if_then_else(
         j < k, load(i, j), tvm.tirx.const(zero, operand)), name="a_in")
-    r = te.reduce_axis((0, kp), "r")
-    acc = te.compute((m, np_), lambda i, j: te.sum(
+    r = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kp)), "r")
+    acc = te.compute(_dims(m, np_), lambda i, j: te.sum(
         au[i, r].astype("int32") * w[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r), name="acc")
     if window:
         ow = window.out_hw[1]
-        out = te.compute((1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
+        out = te.compute(_dims(1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
     else:
-        out = te.compute((m, n), lambda i, j: acc[i, j] + offset[j], name="out")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, offset, out]))
-
-    if not plain:
-        sch.vectorize(sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("a_in"))), [None, 4])[1])
-    block = sch.get_sblock("acc")
-    i, j, r = sch.get_loops(block)
-    io, ii = sch.split(i, [None, _factor(m, ROWS)])
-    jo, ji = sch.split(j, [None, lanes])
-    ro, ri = sch.split(r, [None, 4])
-    sch.reorder(io, jo, ro, ii, ji, ri)
-    outer = sch.fuse(io, jo)
-    if m * n * k >= PARALLEL_MIN:
-        sch.parallel(outer)
-    sch.unroll(ii)
-    out_block = sch.get_sblock("out")
-    sch.reverse_compute_at(out_block, outer)
-    sch.vectorize(sch.get_loops(out_block)[-1])
-    init = sch.decompose_reduction(block, ro)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, dot.intrin)
-    func = sch.mod["main"].without_attr("global_symbol")
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # 8: kOpaque, not fused
+        out = te.compute(_dims(m, n), lambda i, j: acc[i, j] + offset[j], name="out")
+    return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot)
 
 
 def pack_rows(weight: np.ndarray) -> np.ndarray:
@@ -236,57 +242,77 @@ def pack_rows(weight: np.ndarray) -> np.ndarray:
 def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
     """out[n, p] = sum_k w[n, k] * a[k, p] (int8 -> int32) for the output pixels p of a convolution reading the
     (1, C, H, W) image a through `window`, w as `pack_rows`: the pixels in the instruction's lanes, the weights
-    broadcast, so the result is written channel by channel as NCHW."""
+    broadcast, so the result is written channel by channel as NCHW (scheduled by `schedule_packed`)."""
     lanes, m = dot.lanes, math.prod(window.out_hw)
     kp, mp = -(-k // 4) * 4, -(-m // lanes) * lanes
-    a = te.placeholder((1, *window.in_shape), "int8", "a")
-    w = te.placeholder((n, kp), "int8", "w")
-    offset = te.placeholder((n,), "int32", "offset")
-    zero, operand = (128, "uint8") if dot.shift else (0, "int8")
-
+    a = te.placeholder(_dims(1, *window.in_shape), "int8", "a")
+    w = te.placeholder(_dims(n, kp), "int8", "w")
+    offset = te.placeholder(_dims(n), "int32", "offset")
+    zero, operand = _operand(dot)
     image = window.padded(a)
 
     def load(r4, i, q):
         value = (window.read(image, i, r4 * 4 + q).astype("int32") + zero).astype(operand)
         inside = [cond for cond, needed in ((i < m, mp > m), (r4 * 4 + q < k, kp > k)) if needed]
         return te.if_then_else(tvm.tirx.all(*inside), value, tvm.tirx.const(zero, operand)) if inside else value
-    a_in = te.compute((kp // 4, mp, 4), load, name="a_in")
-    r = te.reduce_axis((0, kp), "r")
-    acc = te.compute((n, mp), lambda j, i: te.sum(
+    a_in = te.compute(_dims(kp // 4, mp, 4), load, name="a_in")
+    r = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kp)), "r")
+    acc = te.compute(_dims(n, mp), lambda j, i: te.sum(
         w[j, r].astype("int32") * a_in[r // 4, i, r % 4].astype("int32"), axis=r), name="acc")
     ow = window.out_hw[1]
-    out = te.compute((1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, offset, out]))
+    out = te.compute(_dims(1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
+    aligned = m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0)   # a tile: whole rows or part of one
+    return _annotated(te.create_prim_func([a, w, offset, out]), "lanes", dot, ow if mp == m else 0, aligned)
 
-    if any(window.padding):
-        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("pad"))[-1], [None, lanes])[1])
-    r4, i, q = sch.get_loops(sch.get_sblock("a_in"))
-    if mp == m:   # one channel (r4, q) at a time, row by row: contiguous (strided) reads along x
-        y, x = sch.split(i, [None, window.out_hw[1]])
-        sch.reorder(r4, q, y, x)
-        xo, xi = sch.split(x, [None, _factor(window.out_hw[1], lanes)])
-        sch.vectorize(xi)
-    else:
-        sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
-    block = sch.get_sblock("acc")
-    j, i, r = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, _factor(n, ROWS)])
-    io, ii = sch.split(i, [None, lanes])
-    ro, ri = sch.split(r, [None, 4])
-    sch.reorder(jo, io, ro, ji, ii, ri)
-    outer = sch.fuse(jo, io)
-    if m * n * k >= PARALLEL_MIN:
+
+def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
+    """Vectorize the padding and im2col blocks that feed the accumulation block `acc` (ow: the output width when
+    the im2col block is read row by row, else 0)."""
+    for block in sch.get_producers(acc):
+        stmt = sch.get(block)
+        if STAGED not in stmt.annotations:
+            continue
+        for producer in sch.get_producers(block):
+            if sch.get(producer).name_hint.startswith("pad") and STAGED in sch.get(producer).annotations:
+                loops = sch.get_loops(producer)
+                sch.vectorize(sch.split(loops[-1], [None, _factor(_extent(sch, loops[-1]), lanes)])[1])
+        loops = sch.get_loops(block)
+        if len(loops) == 2:   # rows: (pixel, k)
+            sch.vectorize(sch.split(sch.fuse(*loops), [None, 4])[1])
+            continue
+        r4, i, q = loops       # lanes: (k / 4, pixel, 4)
+        if ow:                 # one channel (r4, q) at a time, row by row
+            y, x = sch.split(i, [None, ow])
+            sch.reorder(r4, q, y, x)
+            sch.vectorize(sch.split(x, [None, _factor(ow, lanes)])[1])
+        else:
+            sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
+
+
+def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, bool, Callable[[], None]]:
+    """Tile a PACKED accumulation block and vectorize its STAGED operands; the outer tile loop, whether the output
+    of one tile is a block of whole rows (so that its epilogue can be computed in the tile), and what tensorizes
+    the block once its consumers are placed."""
+    layout, intrin, out_w, aligned = str(sch.get(acc).annotations[PACKED]).split(":")
+    dot = DOTS[intrin]
+    _schedule_staged(sch, acc, dot.lanes, int(out_w))
+    # rows: acc[pixel or row, n], tiles of ROWS rows x lanes of n; lanes: acc[n, pixel], ROWS of n x lanes of pixels
+    rows, cols, r = sch.get_loops(acc)
+    work = _extent(sch, rows) * _extent(sch, cols) * _extent(sch, r)
+    row_o, row_i = sch.split(rows, [None, _factor(_extent(sch, rows), ROWS)])
+    col_o, col_i = sch.split(cols, [None, dot.lanes])
+    k_o, k_i = sch.split(r, [None, 4])
+    sch.reorder(row_o, col_o, k_o, row_i, col_i, k_i)
+    outer = sch.fuse(row_o, col_o)
+    if work >= PARALLEL_MIN:
         sch.parallel(outer)
-    sch.unroll(ji)
-    out_block = sch.get_sblock("out")
-    if m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0):   # a tile of pixels is whole rows or part of one
-        sch.reverse_compute_at(out_block, outer)
-        sch.vectorize(sch.get_loops(out_block)[-1])
-    init = sch.decompose_reduction(block, ro)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ii, dot.lanes_intrin)
-    func = sch.mod["main"].without_attr("global_symbol")
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    sch.unroll(row_i)
+
+    def tensorize() -> None:
+        init = sch.decompose_reduction(acc, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(col_i, dot.intrin if layout == "rows" else dot.lanes_intrin)
+    return outer, aligned == "1", tensorize
 
 
 def _const_int8(expr: relax.Expr) -> np.ndarray | None:
@@ -368,3 +394,6 @@ def pack_weights(target: tvm.target.Target) -> tvm.transform.Pass:
                 packer.builder_.update_func(gv, packer.visit_expr(func))
         return packer.builder_.get()
     return transform
+
+
+schedule.ANNOTATED[PACKED] = schedule_packed

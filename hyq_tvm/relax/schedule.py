@@ -10,6 +10,7 @@ output is still summed in the same order and float results do not depend on the 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import tvm
 import tvm_ffi
@@ -23,6 +24,10 @@ _SBLOCK_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 PARALLEL_MIN = 1 << 14   # multiply-adds or elements below which a loop nest stays on one thread
 ROW_TILE = 4             # output rows computed together in a reduction (register tile)
 COSTLY_FLOAT_OPS = 16    # float operations per element above which a block counts as a math function
+# schedules of blocks marked by an annotation (key): f(sch, block) -> (the loop its consumers may be computed at,
+# whether they may, what completes the schedule once they are placed); blocks marked KEEP are scheduled by them
+ANNOTATED: dict[str, Callable] = {}
+KEEP = "hyq.staged"
 
 
 def _lanes(target: tvm.target.Target) -> int:
@@ -82,7 +87,7 @@ def _inline(sch: s_tir.Schedule) -> None:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block in sch.get_child_blocks(root):
             stmt = sch.get(block)
-            if stmt.name_hint in outputs or _is_reduction(sch, block):
+            if stmt.name_hint in outputs or _is_reduction(sch, block) or KEEP in stmt.annotations:
                 continue
             consumers = sch.get_consumers(block)
             if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c))
@@ -96,6 +101,8 @@ def _inline(sch: s_tir.Schedule) -> None:
             break
     for block in reversed(sch.get_child_blocks(root)[1:]):
         padding = _PADDING in _calls(sch.get(block))
+        if KEEP in sch.get(block).annotations:
+            continue
         if not _is_reduction(sch, block) and not (padding and any(_costly(sch.get(p))
                                                                   for p in sch.get_producers(block))):
             try:
@@ -184,11 +191,23 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
     _inline(sch)
     root = sch.get_sblock("root")
     anchor = None   # the outermost loop of the last reduction (all its outer loops fused): where its consumers go
+    finishes = []   # what annotated blocks' schedules do once their consumers are placed
     for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
         block = sch.get_sblock(name)
+        annotations = sch.get(block).annotations
+        if KEEP in annotations:
+            continue
+        rule = next((ANNOTATED[key] for key in annotations if key in ANNOTATED), None)
+        if rule is not None:
+            anchor, whole_rows, finish = rule(sch, block)
+            anchor = anchor if whole_rows else None
+            finishes.append(finish)
+            continue
         if _is_reduction(sch, block):
             anchor = _schedule_reduction(sch, block, lanes)
             continue
+        if anchor is not None and _PADDING in _calls(sch.get(block)):
+            anchor = None   # a padded output is written by its own loops
         if anchor is not None:
             try:
                 sch.reverse_compute_at(block, anchor)
@@ -197,6 +216,8 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
             except s_tir.schedule.ScheduleError:
                 pass
         _schedule_spatial(sch, block, lanes)
+    for finish in finishes:
+        finish()
     return sch
 
 
