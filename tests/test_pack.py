@@ -25,9 +25,11 @@ def _module(x_shape, weight, op):
     return bb.get()
 
 
-def _matmul():
-    w = RNG.integers(-128, 128, (36, 40), dtype=np.int8)
-    return _module((4, 16, 36), w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w, {}
+def _matmul(shape=(4, 16, 36)):
+    def case():
+        w = RNG.integers(-128, 128, (shape[-1], 40), dtype=np.int8)
+        return _module(shape, w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w, {}
+    return case
 
 
 def _conv(kernel=(1, 1), **attrs):
@@ -39,7 +41,7 @@ def _conv(kernel=(1, 1), **attrs):
 
 
 _conv1x1 = _conv()
-CASES = [_matmul, _conv1x1, _conv((3, 3)), _conv((3, 3), strides=2, padding=1), _conv((2, 1)),
+CASES = [_matmul(), _matmul((2, 6, 20)), _matmul((7, 36)), _conv1x1, _conv((3, 3)), _conv((3, 3), strides=2, padding=1), _conv((2, 1)),
          _conv((3, 3), strides=3, padding=1),   # 9 pixels: fewer than the lanes, the row-major kernel
          _conv((3, 2), strides=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1))]
 
@@ -74,7 +76,7 @@ def test_packed_gemm_is_exact_and_uses_the_dot_instruction(case):
         assert "vpdpbusd" in _asm(ex)
 
 
-@pytest.mark.parametrize("case", [_matmul, _conv((3, 3), padding=1)])
+@pytest.mark.parametrize("case", [_matmul(), _conv((3, 3), padding=1)])
 def test_aarch64_cross_build_uses_the_board_dot_products(case):
     mod, _, _ = case()
     vector_smull = re.compile(r"\bsmull2?\s+v\d+")

@@ -204,19 +204,38 @@ def _annotated(func: tvm.tirx.PrimFunc, layout: str, dot: Dot, out_w: int = 0, a
     return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", 4)
 
 
-def gemm(m: int, k: int, n: int, dot: Dot, window: Window | None = None) -> tvm.tirx.PrimFunc:
-    """out[m, n] = sum_k a[m, k] * w[k, n] (int8 -> int32) with w packed by `pack` (scheduled by `schedule_packed`).
-    With a `window`, a is a (1, C, H, W) image read through it and out is (1, n, out_h, out_w): a convolution."""
+def _split_index(i, dims: tuple[int, ...]) -> list:
+    """The index into `dims` of flat (row-major) index i."""
+    index = []
+    for d in reversed(dims[1:]):
+        index.append(i % d)
+        i = i // d
+    return [i, *reversed(index)]
+
+
+def _flat_index(index, dims: tuple[int, ...]):
+    """The flat (row-major) index of `index` into `dims`."""
+    flat = index[0]
+    for i, d in zip(index[1:], dims[1:]):
+        flat = flat * d + i
+    return flat
+
+
+def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: Window | None = None) -> tvm.tirx.PrimFunc:
+    """out[..., n] = sum_k a[..., k] * w[k, n] (int8 -> int32) for activations a of shape (*rows, k), w packed by
+    `pack` (scheduled by `schedule_packed`). With a `window` instead of rows, a is a (1, C, H, W) image read
+    through it and out is (1, n, out_h, out_w): a convolution."""
+    m = math.prod(window.out_hw) if window else math.prod(rows)
     kp, np_, lanes = -(-k // 4) * 4, -(-n // dot.lanes) * dot.lanes, dot.lanes
-    a = te.placeholder(_dims(1, *window.in_shape) if window else _dims(m, k), "int8", "a")
+    a = te.placeholder(_dims(1, *window.in_shape) if window else _dims(*rows, k), "int8", "a")
     w = te.placeholder(_dims(np_ // lanes, kp // 4, lanes, 4), "int8", "w")
     offset = te.placeholder(_dims(n), "int32", "offset")
     zero, operand = _operand(dot)
-    plain = not dot.shift and k == kp and not window   # a is already the kernel's operand
+    plain = not dot.shift and k == kp and not window and len(rows) == 1   # a is already the kernel's operand
     image = window.padded(a) if window else None
 
     def load(i, j):
-        value = window.read(image, i, j) if window else a[i, j]
+        value = window.read(image, i, j) if window else a[(*_split_index(i, rows), j)]
         return (value.astype("int32") + zero).astype(operand)
     au = a if plain else te.compute(_dims(m, kp), lambda i, j: te.if_then_else(
         j < k, load(i, j), tvm.tirx.const(zero, operand)), name="a_in")
@@ -226,9 +245,12 @@ def gemm(m: int, k: int, n: int, dot: Dot, window: Window | None = None) -> tvm.
     if window:
         ow = window.out_hw[1]
         out = te.compute(_dims(1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
+        aligned = True
     else:
-        out = te.compute(_dims(m, n), lambda i, j: acc[i, j] + offset[j], name="out")
-    return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot)
+        out = te.compute(_dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
+                         name="out")
+        aligned = rows[-1] % _factor(m, ROWS) == 0   # a tile of rows lies within one run of the last dimension
+    return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, aligned=aligned)
 
 
 def pack_rows(weight: np.ndarray) -> np.ndarray:
@@ -337,14 +359,15 @@ class _Packer(relax.PyExprMutator):
         return self.kernels[key]
 
     def _gemm(self, a: relax.Expr, weight: np.ndarray, window: Window | None = None) -> relax.Expr:
-        """call_tir of the packed GEMM of the (M, K) activations `a`, or of the (1, C, H, W) image `a` read
+        """call_tir of the packed GEMM of the (..., K) activations `a`, or of the (1, C, H, W) image `a` read
         through `window`, by the (K, N) `weight`."""
         k, n = weight.shape
-        m = math.prod(window.out_hw) if window else int(a.ty.shape[0])
-        kernel = self._kernel(("rows", m, k, n, window), lambda: gemm(m, k, n, self.dot, window),
+        rows = None if window else tuple(int(d) for d in a.ty.shape)[:-1]
+        m = math.prod(window.out_hw) if window else math.prod(rows)
+        kernel = self._kernel(("rows", rows, k, n, window), lambda: gemm(k, n, self.dot, rows, window),
                               f"hyq_gemm_{m}x{k}x{n}" + ("_conv" if window else ""))
         args = [a, relax.const(pack(weight, self.dot)), relax.const(shift_offset(weight, self.dot))]
-        out = (1, n, *window.out_hw) if window else (m, n)
+        out = (1, n, *window.out_hw) if window else (*rows, n)
         return relax.call_tir(kernel, args, relax.TensorType(out, "int32"))
 
     def _conv(self, a: relax.Expr, weight: np.ndarray, window: Window) -> relax.Expr:
@@ -368,10 +391,8 @@ class _Packer(relax.PyExprMutator):
         if weight is None or str(getattr(attrs, "out_dtype", "")) != "int32":
             return call
         shape = [int(d) for d in x.ty.shape]
-        if name == "relax.matmul" and weight.ndim == 2:
-            a = self.builder_.emit(relax.op.reshape(x, (math.prod(shape[:-1]), shape[-1])))
-            out = self.builder_.emit(self._gemm(a, weight))
-            return relax.op.reshape(out, (*shape[:-1], weight.shape[1]))
+        if name == "relax.matmul" and weight.ndim == 2 and len(shape) >= 2:
+            return self._gemm(x, weight)
         if (name == "relax.nn.conv2d" and int(attrs.groups) == 1 and shape[0] == 1
                 and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")):
             window = Window(tuple(shape[1:]), weight.shape[2:], *(tuple(int(v) for v in getattr(attrs, a))
