@@ -41,7 +41,7 @@ def _conv(kernel=(1, 1), **attrs):
 
 
 _conv1x1 = _conv()
-CASES = [_matmul(), _matmul((2, 6, 20)), _matmul((7, 36)), _conv1x1, _conv((3, 3)), _conv((3, 3), strides=2, padding=1), _conv((2, 1)),
+CASES = [_matmul(), _matmul((2, 6, 20)), _matmul((7, 36)), _matmul((2, 6, 300)), _matmul((2, 16, 260)), _conv1x1, _conv((3, 3)), _conv((3, 3), strides=2, padding=1), _conv((2, 1)),
          _conv((3, 3), strides=3, padding=1),   # 9 pixels: fewer than the lanes, the row-major kernel
          _conv((3, 2), strides=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1))]
 

@@ -25,7 +25,9 @@ from tvm.target.codegen import target_has_features
 from . import schedule
 from .schedule import PARALLEL_MIN, _extent, _factor
 
-ROWS = 4   # output rows per register tile
+ROWS = 8         # output rows per register tile ...
+ROWS_LONG_K = 16  # ... and where the sum is at least LONG_K long (more accumulators amortize each operand load)
+LONG_K = 256
 PACKED = "hyq.packed"   # annotation of a packed kernel's accumulation block: "layout:intrinsic:out_w:aligned"
 STAGED = "hyq.staged"   # annotation of the padding / im2col blocks that feed it
 
@@ -204,6 +206,11 @@ def _annotated(func: tvm.tirx.PrimFunc, layout: str, dot: Dot, out_w: int = 0, a
     return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", 4)
 
 
+def _row_tile(rows: int, k: int) -> int:
+    """Output rows per register tile of a packed kernel with `rows` rows summing over k."""
+    return _factor(rows, ROWS_LONG_K if k >= LONG_K else ROWS)
+
+
 def _split_index(i, dims: tuple[int, ...]) -> list:
     """The index into `dims` of flat (row-major) index i."""
     index = []
@@ -249,7 +256,7 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
     else:
         out = te.compute(_dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
                          name="out")
-        aligned = rows[-1] % _factor(m, ROWS) == 0   # a tile of rows lies within one run of the last dimension
+        aligned = rows[-1] % _row_tile(m, kp) == 0   # a tile of rows lies within one run of the last dimension
     return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, aligned=aligned)
 
 
@@ -303,10 +310,9 @@ def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
             sch.vectorize(sch.split(sch.fuse(*loops), [None, 4])[1])
             continue
         r4, i, q = loops       # lanes: (k / 4, pixel, 4)
-        if ow:                 # one channel (r4, q) at a time, row by row
+        if ow:                 # row by row, the 4 channels of a group unrolled: LLVM interleaves them
             y, x = sch.split(i, [None, ow])
-            sch.reorder(r4, q, y, x)
-            sch.vectorize(sch.split(x, [None, _factor(ow, lanes)])[1])
+            sch.unroll(q)
         else:
             sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
 
@@ -321,7 +327,7 @@ def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, bool, Callable[[]
     # rows: acc[pixel or row, n], tiles of ROWS rows x lanes of n; lanes: acc[n, pixel], ROWS of n x lanes of pixels
     rows, cols, r = sch.get_loops(acc)
     work = _extent(sch, rows) * _extent(sch, cols) * _extent(sch, r)
-    row_o, row_i = sch.split(rows, [None, _factor(_extent(sch, rows), ROWS)])
+    row_o, row_i = sch.split(rows, [None, _row_tile(_extent(sch, rows), _extent(sch, r))])
     col_o, col_i = sch.split(cols, [None, dot.lanes])
     k_o, k_i = sch.split(r, [None, 4])
     sch.reorder(row_o, col_o, k_o, row_i, col_i, k_i)
