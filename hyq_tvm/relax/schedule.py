@@ -126,6 +126,9 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, within: int = 0) ->
     loops = sch.get_loops(block)[within:]
     if not loops:
         return []
+    if _trivial_loops(sch, block) is not None:   # rows narrower than the vector: vectorize several at once
+        while len(loops) > 1 and _extent(sch, loops[-1]) < lanes:
+            loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
     vec = _factor(_extent(sch, loops[-1]), lanes)
     if vec < 2:
         return loops
