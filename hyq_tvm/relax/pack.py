@@ -310,8 +310,10 @@ def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
             sch.vectorize(sch.split(sch.fuse(*loops), [None, 4])[1])
             continue
         r4, i, q = loops       # lanes: (k / 4, pixel, 4)
+        if _extent(sch, r4) * _extent(sch, i) * 4 >= PARALLEL_MIN * lanes:   # in vectors
+            sch.parallel(r4)
         if ow:                 # row by row, the 4 channels of a group unrolled: LLVM interleaves them
-            y, x = sch.split(i, [None, ow])
+            sch.split(i, [None, ow])
             sch.unroll(q)
         else:
             sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
@@ -332,7 +334,7 @@ def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, bool, Callable[[]
     k_o, k_i = sch.split(r, [None, 4])
     sch.reorder(row_o, col_o, k_o, row_i, col_i, k_i)
     outer = sch.fuse(row_o, col_o)
-    if work >= PARALLEL_MIN:
+    if work // (dot.lanes * 4) >= PARALLEL_MIN:   # in dot-product instructions, each lanes x 4 multiply-adds
         sch.parallel(outer)
     sch.unroll(row_i)
 
