@@ -185,6 +185,33 @@ def _schedule_reduction(sch: s_tir.Schedule, block, lanes: int):
     return fused
 
 
+def _follow_reduction(sch: s_tir.Schedule, block, anchor, lanes: int) -> bool:
+    """Compute a reduction inside the tile loop `anchor` of the reduction before it (a softmax's sum in the tile of
+    its max: the rows stay in cache), its reduction loops unchanged and outside the vectorized spatial loop, so
+    that each output is still summed in the same order; whether it could."""
+    try:
+        sch.reverse_compute_at(block, anchor)
+    except s_tir.schedule.ScheduleError:
+        return False
+    loops = sch.get_loops(block)
+    inner = loops[next(i for i, l in enumerate(loops) if sch.get(l).same_as(sch.get(anchor))) + 1:]
+    reduced = set()   # loop variables bound to the block's reduction iterators
+    for iv, value in zip(sch.get(block).iter_vars, _SBLOCK_REALIZE(sch, block).iter_values):
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            tvm_ffi.structural_map(value, [(tirx.Var, lambda v: reduced.add(v.name) or v)])
+    reduce = [l for l in inner if sch.get(l).loop_var.name in reduced]
+    spatial = [l for l in inner if sch.get(l).loop_var.name not in reduced]
+    if not reduce or inner != [*spatial, *reduce]:
+        return True
+    if spatial:
+        sch.reorder(*spatial[:-1], *reduce, spatial[-1])
+        vec = _factor(_extent(sch, spatial[-1]), lanes)
+        if vec > 1:
+            sch.vectorize(sch.split(spatial[-1], [None, vec])[1])
+    sch.decompose_reduction(block, reduce[0])
+    return True
+
+
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool = False) -> s_tir.Schedule | None:
     """A schedule of `func` for the CPU `target`: inlined, parallel, vectorized; None if not a CPU target."""
     if target.kind.name != "llvm":
@@ -207,7 +234,8 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
             finishes.append(finish)
             continue
         if _is_reduction(sch, block):
-            anchor = _schedule_reduction(sch, block, lanes)
+            if anchor is None or not _follow_reduction(sch, block, anchor, lanes):
+                anchor = _schedule_reduction(sch, block, lanes)
             continue
         if anchor is not None and _PADDING in _calls(sch.get(block)):
             anchor = None   # a padded output is written by its own loops
