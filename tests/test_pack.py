@@ -6,7 +6,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from hyq_tvm.relax import pack
+from hyq_tvm.relax import pack, schedule
 from hyq_tvm.relax.integer.gemm import conv2d
 from hyq_tvm.relax.pipeline import build
 from hyq_tvm.targets import load_target
@@ -92,3 +92,24 @@ def test_pack_layout():
     assert packed.shape == (2, 2, 16, 4)
     assert packed[1, 1, 3, 1] == w[5, 19] and packed[1, 1, 5, 1] == 0 and packed[0, 1, 0, 2] == 0
     np.testing.assert_array_equal(offset, -128 * w.astype(np.int32).sum(axis=0))
+
+
+@pytest.mark.skipif(pack.dot_for(HOST) is None, reason="host has no AVX-512 VNNI / NEON")
+def test_packed_kernel_fuses_with_its_epilogue_and_stays_exact():
+    w = RNG.integers(-128, 128, (32, 8, 3, 3), dtype=np.int8)
+    scale = RNG.uniform(1e-4, 1e-3, (1, 32, 1, 1)).astype("float32")
+
+    def requantize(x, c):
+        acc = relax.op.nn.conv2d(x, c, padding=1, out_dtype="int32")
+        y = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
+        return relax.op.quantize(y, relax.const(0.05, "float32"), relax.const(3, "int8"), axis=1)
+    mod = _module((1, 8, 8, 8), w, requantize)
+    fused = tvm.transform.Sequential([pack.pack_weights(HOST), relax.transform.LegalizeOps(),
+                                      schedule.fusion(), schedule.schedule_pass(HOST)])(mod)
+    funcs = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) == 1 and pack.PACKED in funcs[0].script()   # conv, scale and quantize: one kernel
+    x = RNG.integers(-128, 128, (1, 8, 8, 8), dtype=np.int8)
+    got = relax.VirtualMachine(build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    plain = tvm.compile(mod, target=HOST)   # TVM's own lowering, unpacked
+    want = relax.VirtualMachine(plain, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, want)

@@ -61,3 +61,16 @@ def test_aarch64_build_compiles():
     target = load_target("rasp4b").tvm_target()
     asm = build(_module(), target).mod.imports[0].inspect_source("asm")
     assert "fmul\tv" in asm or "fmul\tv" in asm.replace(" ", "\t")
+
+
+def test_rows_narrower_than_the_vector_are_vectorized_together():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64, 4, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.gelu(x)))
+        bb.emit_func_output(out)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), schedule.fusion(),
+                                    schedule.schedule_pass(HOST)])(bb.get())
+    lanes = schedule._lanes(HOST)
+    assert lanes > 4 and f"T.vectorized(T.int64({lanes}))" in mod.script()   # 4x4 rows, all lanes used
