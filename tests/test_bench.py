@@ -308,3 +308,32 @@ def test_bench_instruction_counts_on_icount_board(rasp4b_artifact, tmp_path):
                                     r"twice\), (\d+) \(8 more times\)", (tmp_path / "r0" / "bench.log").read_text())
     assert c1 == again and int(cn) - int(c1) == 8 * a and int(c1) >= 2 * a  # c1 also counts loading model.so
     assert f"| {a} |" in (tmp_path / "r0" / "device_rasp4b.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_ort_on_icount_board(rasp4b_artifact, tmp_path):
+    """--compare-ort: after the bench, hyq-tvm's model.so and onnxruntime on the FP32 and QDQ models are counted in
+    the board's rootfs; the row of reports/benchmark_rasp4b.json has the fields, positive counts, the MACs, and
+    hyq-tvm's model.so count in one thread matches the bench's through RPC in four."""
+    _need_emulation()
+    state_file = tmp_path / "devices.json"
+    try:
+        fleet.start("rasp4b", count=1, state_file=state_file, icount=True)
+        proc, log = bench_popen(state_file, rasp4b_artifact, tmp_path / "r", "--limit", 2, "--repeat", 1,
+                                "--compare-ort")
+        bench_row = finish(proc, log, timeout=1500)
+    finally:
+        fleet.stop(state_file=state_file)
+    (row,) = json.loads((tmp_path / "r" / "benchmark_rasp4b.json").read_text())["rows"]
+    assert {k: row[k] for k in ("model", "board", "img_size", "macs", "bitexact", "emulated")} == {
+        "model": "mobilevit_xxs", "board": "rasp4b", "img_size": 64, "macs": 20_862_336, "bitexact": True,
+        "emulated": True}
+    for engine in ("hyq_int8", "ort_fp32", "ort_int8"):
+        assert row[f"{engine}_instructions"] > row["own_instructions"][engine] > 1_000_000, engine
+        assert row["instructions_per_mac"][engine] == round(row[f"{engine}_instructions"] / row["macs"], 3)
+    assert row["hyq_over_ort_int8"] == round(row["hyq_int8_instructions"] / row["ort_int8_instructions"], 3)
+    assert row["hyq_int8_rpc_instructions"] == bench_row["instructions"]
+    assert abs(row["own_instructions"]["hyq_int8"] - bench_row["instructions"]) < 1e-3 * bench_row["instructions"]
+    assert row["exact"]["hyq_int8"] and row["ort_int8_kernels"]["MatMulIntegerToFloat"] >= 18
+    md = (tmp_path / "r" / "benchmark_rasp4b.md").read_text()
+    assert md.startswith("# Board benchmark (EMULATED): rasp4b") and "| mobilevit_xxs | rasp4b (EMULATED" in md

@@ -273,3 +273,51 @@ def test_board_cpu_is_enforced_in_the_rootfs(tmp_path):
         assert run("max").stdout.strip() == "24"
     finally:
         exe.unlink(missing_ok=True)
+
+
+def _one_input_models(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """relu(x @ w), x 1x64, w 64x32: as model.so for rasp4b and as an ONNX model; and an input."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.support import cc
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, relax.const(w))))
+        bb.emit_func_output(out)
+    lib = tmp_path / "model.so"
+    tvm.compile(bb.get(), target=tvm.target.Target(get_board("rasp4b").target())).export_library(
+        str(lib), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["y"]), helper.make_node("Relu", ["y"], ["out"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w, "w")])
+    model = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    return lib, model, rng.standard_normal((1, 64)).astype("float32")
+
+
+@pytest.mark.slow
+def test_engine_instruction_counts_are_repeatable(tmp_path):
+    """hyq-tvm's model.so and onnxruntime, each in the rootfs under the counting qemu: the same files count the
+    same per inference again; the engine's own code is a part of the engine with its system libraries, which is a
+    part of the process."""
+    need_tools("qemu-aarch64", "qemu-aarch64-static", "debootstrap", "update-binfmts", "aarch64-linux-gnu-g++",
+               "gcc")
+    need_root()
+    from hyq_tvm.devices import engines
+
+    lib, model, x = _one_input_models(tmp_path)
+    for engine, path in (("tvm", lib), ("ort", model)):
+        first = engines.engine_instructions(engine, path, x, "rasp4b", engines.NATIVE[engine])
+        assert engines.engine_instructions(engine, path, x, "rasp4b", engines.NATIVE[engine]) == first, engine
+        own = engines.engine_instructions(engine, path, x, "rasp4b", engines.OWN[engine])["code"]
+        assert 64 * 32 / 16 < own["instructions"] < first["code"]["instructions"] < first["process"]["instructions"]
+        assert own["exact"] and first["counts"]["runs"] == [2, 10, 2, 10]
+    assert first["kernels"] == {"MatMul": 1, "Relu": 1}

@@ -13,6 +13,11 @@ the row also gets the exact number of instructions one inference executes in mod
 
 The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
 reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
+
+--compare-ort (emulated boards started with --icount): then counts onnxruntime (the board rootfs's aarch64 wheel,
+one thread) on the FP32 and the plan's QDQ int8 ONNX models, same input, and writes
+reports/benchmark_<board>.json and .md: instructions per inference of the three engines, their ratios, MACs
+per layer and instructions per MAC, all EMULATED (a few more minutes).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import argparse
 from pathlib import Path
 
 from ..devices.bench import DEFAULT_LIMIT, DEFAULT_TIMEOUT, bench
+from ..devices.versus import check_icount_key, compare_ort
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hyq_tvm.bench", description=__doc__.split("\n\n")[0],
@@ -35,11 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reports", type=Path, default=Path("reports"), help="where device_<key>.json/.md go")
     p.add_argument("--devices-state", type=Path, default=None,
                    help="state file of hyq_tvm.device (default: the cache's), to label emulated boards")
+    p.add_argument("--compare-ort", action="store_true",
+                   help="also count onnxruntime FP32 and int8 on the emulated board: reports/benchmark_<board>.*")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compare_ort:
+        check_icount_key(args.tracker, args.key, args.devices_state)
     row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data, args.reports,
                 args.devices_state)
     emu = " EMULATED" if row["emulated"] else ""
@@ -47,4 +57,10 @@ def main(argv=None) -> None:
           f"{row['latency_ms_p90']}, {row['runs']} runs); bitexact {row['bitexact']} "
           f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%); "
           f"instructions {row['instructions']}; -> {', '.join(row['reports'])}")
-
+    if args.compare_ort:
+        vs = compare_ort(row, args.artifact, args.reports, args.devices_state, args.data)
+        print(f"{vs['model']} {vs['img_size']} px on {vs['board']} EMULATED, instructions per inference: hyq-tvm int8 "
+              f"{vs['hyq_int8_instructions']:,}, ort FP32 {vs['ort_fp32_instructions']:,} (hyq / ort "
+              f"{vs['hyq_over_ort_fp32']:.3f}), ort int8 {vs['ort_int8_instructions']:,} (hyq / ort "
+              f"{vs['hyq_over_ort_int8']:.3f}); {vs['macs']:,} MACs, hyq-tvm "
+              f"{vs['instructions_per_mac']['hyq_int8']:.3f} instructions/MAC; -> {', '.join(vs['reports'])}")

@@ -8,12 +8,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import HyqError
 from ..fileio import sha256_file
 from .boards import get_board
-from .rootfs import VENV, cache_dir, require_tool
+from .rootfs import VENV, cache_dir, proc_mounted, require_tool
 
 SOURCE = Path(__file__).resolve().parents[2] / "native" / "icount.c"
 DEFAULT_SYSROOT = "/usr/aarch64-linux-gnu"  # from libc6-arm64-cross (pulled in by gcc-aarch64-linux-gnu)
@@ -85,6 +86,8 @@ def count_instructions(program, args=(), board: str = "rasp4b", sysroot=None, ca
 # session process then writes its own count to /tmp/hyq-icount/<board>.<pid> in the rootfs when it ends:
 # all its instructions, and ("icount_code") those in the files named in COUNTED_CODE: the model library a
 # benchmark loads and the math library it calls, deterministic while RPC and thread-pool code is not.
+# The wrapper also runs a Python program in the rootfs counted (run_python_counted; HYQ_ICOUNT_CODE names
+# the counted files instead of COUNTED_CODE).
 QEMU_DIR = "/opt/hyq-qemu"
 COUNTED_CODE = ("/model.so", "/libm.so.6")
 WRAPPER = f"{QEMU_DIR}/python-icount"
@@ -138,15 +141,18 @@ def install_in_rootfs(root: Path, cache: Path | None = None) -> None:
         "#!/bin/sh\n"
         f'exec {QEMU_DIR}/lib/{loader} --library-path {QEMU_DIR}/lib {QEMU_DIR}/qemu-aarch64 '
         f'-cpu "${{QEMU_CPU:-cortex-a72}}" -plugin "{QEMU_DIR}/icount.so,out=$HYQ_ICOUNT_OUT,fork=reset,'
-        f'code={":".join(COUNTED_CODE)}" '
+        f'code=${{HYQ_ICOUNT_CODE:-{":".join(COUNTED_CODE)}}}" '
         f'{VENV}/bin/python "$@"\n')
     script.chmod(0o755)
     os.replace(script, wrapper)
     (root / "tmp" / "hyq-icount").mkdir(parents=True, exist_ok=True)
     (root / "tmp" / "hyq-icount").chmod(0o1777)
     site = next((root / VENV.lstrip("/") / "lib").glob("python3*/site-packages"))
-    (site / "hyq_icount_hook.py").write_text(HOOK.format(wrapper=WRAPPER))
-    (site / "hyq_icount.pth").write_text("import hyq_icount_hook\n")
+    for name, text in (("hyq_icount_hook.py", HOOK.format(wrapper=WRAPPER)),
+                       ("hyq_icount.pth", "import hyq_icount_hook\n")):
+        tmp = site / f".{name}.tmp"  # replaced whole: a Python starting on a running board reads it meanwhile
+        tmp.write_text(text)
+        os.replace(tmp, site / name)
 
 
 def server_counts(board_entry: dict, key: str = "icount") -> dict[int, int]:
@@ -165,3 +171,32 @@ def server_counts(board_entry: dict, key: str = "icount") -> dict[int, int]:
 def clear_server_counts(board_entry: dict) -> None:
     for f in (Path(board_entry["rootfs"]) / "tmp" / "hyq-icount").glob(f"{board_entry['name']}.*"):
         f.unlink(missing_ok=True)
+
+
+def run_python_counted(root: Path, board: str, args, code, env: dict | None = None,
+                       timeout: float = 1800) -> tuple[dict[int, tuple[int, int]], str]:
+    """Run `python ARGS` of the rootfs's venv in the rootfs under the counting qemu as the board's CPU (fixed hash
+    seed, `env` added); return ({pid: (all instructions, those in files whose path contains one of `code`)} of
+    the process and of each process it forked (counted from the fork on), its stdout)."""
+    out_dir = root / "tmp" / "hyq-icount"
+    tag = f"run-{os.getpid()}-{time.monotonic_ns()}"
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", **(env or {}),
+           "QEMU_CPU": get_board(board).qemu_cpu, "HYQ_ICOUNT_OUT": f"/tmp/hyq-icount/{tag}.%p",
+           "HYQ_ICOUNT_CHILD": "1", "HYQ_ICOUNT_CODE": ":".join(code)}
+    cmd = ["chroot", str(root), "env", "-i", *(f"{k}={v}" for k, v in env.items()), WRAPPER, *map(str, args)]
+    try:
+        with proc_mounted(root):
+            proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
+        if proc.returncode != 0:
+            raise HyqError(f"python {' '.join(map(str, args))} exited with status {proc.returncode} in the rootfs: "
+                           f"{(proc.stderr.decode(errors='replace').strip().splitlines() or [''])[-1][:200]}")
+        counts = {int(f.name.rsplit(".", 1)[1]): (parse_count(f.read_text()), parse_count(f.read_text(), "icount_code"))
+                  for f in out_dir.glob(f"{tag}.*")}
+    except subprocess.TimeoutExpired:
+        raise HyqError(f"python {' '.join(map(str, args))} ran longer than {timeout:g} s in the rootfs") from None
+    finally:
+        for f in out_dir.glob(f"{tag}.*"):
+            f.unlink()
+    if not counts:
+        raise HyqError("the QEMU plugin wrote no instruction count")
+    return counts, proc.stdout.decode(errors="replace")

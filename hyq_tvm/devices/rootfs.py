@@ -1,4 +1,5 @@
-"""The arm64 Debian bookworm rootfs with Python and the aarch64 TVM runtime wheels, built once and cached.
+"""The arm64 Debian bookworm rootfs with Python, the aarch64 TVM runtime and onnxruntime wheels (onnxruntime: the
+engine the board benchmark counts against hyq-tvm), built once and cached.
 
 Layout under the cache dir (HYQ_TVM_CACHE, default ~/.cache/hyq-tvm):
   rootfs/bookworm-arm64/   the rootfs (complete when .hyq-rootfs-ready matches the spec below)
@@ -7,6 +8,7 @@ Layout under the cache dir (HYQ_TVM_CACHE, default ~/.cache/hyq-tvm):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ SUITE = "bookworm"
 PYTHON_VERSION = "3.11"  # bookworm's python3
 MIRROR = os.environ.get("HYQ_TVM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "tornado", "psutil", "cloudpickle",
-          "numpy")
+          "numpy", "onnxruntime==1.32.0")
 VENV = "/opt/venv"
 READY = ".hyq-rootfs-ready"
 # Debian package that provides each tool we call.
@@ -126,6 +128,18 @@ def umount_proc(root: Path) -> None:
         subprocess.run(["umount", "-l", str(proc)], capture_output=True)
 
 
+@contextlib.contextmanager
+def proc_mounted(root: Path):
+    """/proc mounted in the rootfs for the block; unmounted after it unless it was mounted before."""
+    before = is_mounted(root / "proc")
+    mount_proc(root)
+    try:
+        yield
+    finally:
+        if not before:
+            umount_proc(root)
+
+
 def download_wheels(cache: Path, log: Path) -> Path:
     """aarch64 cp311 wheels for WHEELS, downloaded on the host (cached; pip skips files it has)."""
     dest = cache / "wheels" / f"aarch64-cp{PYTHON_VERSION.replace('.', '')}"
@@ -172,10 +186,11 @@ def build_rootfs(cache: Path | None = None, force: bool = False, progress=None) 
         _run(["chroot", partial, "python3", "-m", "venv", VENV], log, "venv creation in the rootfs", env=env)
         _run(["chroot", partial, f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-index",
               "--find-links", "/tmp/wheels", *WHEELS], log, "pip install in the rootfs", env=env)
-        progress("check: import tvm inside the rootfs")
+        progress("check: import tvm and onnxruntime inside the rootfs")
         _run(["chroot", partial, f"{VENV}/bin/python", "-c",
-              "import tvm, tvm.rpc, tornado, psutil, cloudpickle, numpy; print('tvm', tvm.__version__)"],
-             log, "import tvm in the rootfs", env=env)
+              "import tvm, tvm.rpc, tornado, psutil, cloudpickle, numpy, onnxruntime; "
+              "print('tvm', tvm.__version__, 'onnxruntime', onnxruntime.__version__)"],
+             log, "import tvm and onnxruntime in the rootfs", env=env)
     finally:
         umount_proc(partial)
         shutil.rmtree(partial / "tmp" / "wheels", ignore_errors=True)
