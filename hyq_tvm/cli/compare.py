@@ -43,10 +43,10 @@ def merged(old: list[dict], new: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| model | size | W/A | threads | " + " | ".join(f"{LABELS[e]} ms" for e in ENGINES)
+    lines = ["| model | size | plan | threads | " + " | ".join(f"{LABELS[e]} ms" for e in ENGINES)
              + " | hyq / fastest other | fastest other | peak RSS MB | model.so bytes | schedules |",
              "|---" * (len(ENGINES) + 9) + "|"]
-    lines += [f"| {r['model']} | {r['img_size']} | W{r['wbits']}A{r['abits']} | {r['threads']} | "
+    lines += [f"| {r['model']} | {r['img_size']} | {r['method']} W{r['wbits']}A{r['abits']} | {r['threads']} | "
               + " | ".join(f"{r[f'{e}_ms']:.3f}" for e in ENGINES)
               + f" | {r['ratio_to_fastest']:.2f} | {LABELS[r['fastest']]} | {r['peak_rss_mb']:.0f}"
               f" | {r['artifact_bytes']:,} | {r['schedules'] or 'none (default schedules)'} |" for r in rows]
