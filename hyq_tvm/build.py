@@ -19,9 +19,11 @@ from .onnx_qdq import OPSET, export_onnx, qdq_census
 from .quant.plan import QuantPlan
 from .relax.census import constant_bytes, op_census
 from .relax.pipeline import Lowered, build, lower
+from .relax.tuning import check_database, database_dir, has_database
 from .targets import load_target
 
 EMITS = ("tvm", "onnx")
+AUTO = "auto"   # schedules=AUTO: the tuning database of the plan and target in schedules/, when there is one
 
 
 class _Stages:
@@ -55,16 +57,28 @@ def _graph_facts(lowered: Lowered, plan: QuantPlan) -> dict[str, Any]:
             "weights_bytes": constant_bytes(mod)}
 
 
+def _schedules(plan: QuantPlan, target: str, schedules: str | Path | None) -> Path | None:
+    """The tuning database folder to build with: `schedules` (HyqError if it holds none), or for AUTO
+    schedules/TARGET/MODEL-SIZE-wBaB when it holds one, else None."""
+    if schedules != AUTO:
+        return None if schedules is None else check_database(schedules)
+    m, c = plan.model, plan.calibration
+    folder = database_dir(target, m["name"], m["img_size"], c["wbits"], c["abits"])
+    return folder if has_database(folder) else None
+
+
 def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str | Path | None = None,
-                 progress: bool = False, emit: tuple[str, ...] = ("tvm",)) -> Path:
+                 progress: bool = False, emit: tuple[str, ...] = ("tvm",), schedules: str | Path | None = AUTO) -> Path:
     """Write the artifact folder `out_dir` with what `emit` asks for: "tvm", the integer graph built for
-    `target` (and for this machine, the host twin, when `target` is another); "onnx", the QDQ ONNX model
-    of the same plan. Returns `out_dir`."""
+    `target` (and for this machine, the host twin, when `target` is another) with the tuning database folder
+    `schedules` (AUTO: the plan's in schedules/ if any; None: default schedules only); "onnx", the QDQ ONNX
+    model of the same plan. Returns `out_dir`."""
     unknown = sorted(set(emit) - set(EMITS))
     if unknown or not emit:
         raise HyqError(f"cannot emit {', '.join(unknown) or 'nothing'}: choose from {', '.join(EMITS)}")
     spec = load_target(target)
     fcompile = spec.fcompile()  # the cross compiler, checked before the long stages
+    database = _schedules(plan, target, schedules) if "tvm" in emit else None
     metadata: dict[str, Any] = {"model": plan.model["name"], "emit": list(emit),
                                 "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
                                 "versions": {"tvm": tvm.__version__, "torch": torch.__version__,
@@ -77,11 +91,12 @@ def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str
                 lowered = lower(plan, weights)
             tvm_target = spec.tvm_target()
             with stage("build"):
-                built["executable"] = build(lowered.mod, tvm_target)
+                built["executable"] = build(lowered.mod, tvm_target, database)
             if not spec.is_host:  # the same integer graph for this machine: bench's bit-exact reference
                 with stage("host twin"):
                     built["host_executable"] = build(lowered.mod, load_target("host").tvm_target())
-            metadata.update(target={**spec.summary(), "tvm": str(tvm_target)}, **_graph_facts(lowered, plan))
+            metadata.update(target={**spec.summary(), "tvm": str(tvm_target)}, **_graph_facts(lowered, plan),
+                            schedules=None if database is None else str(database))
         if "onnx" in emit:
             with stage("onnx"):
                 built["onnx_model"] = export_onnx(plan, Path(scratch) / "model.onnx", weights)

@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "train a proxy checkpoint",
     "calibrate": "calibrate a model post-training into a QuantPlan",
     "evaluate": "top-1 of the FP32 and fake-quantized model",
+    "tune": "tune a model's integer kernels for a target (schedules/)",
     "compile": "compile a plan into an artifact for a target",
     "compare": "host latency of an artifact against onnxruntime and PyTorch",
     "device": "start, list and stop emulated boards",

@@ -5,13 +5,9 @@ import argparse
 from pathlib import Path
 
 from .. import zoo
-from ..build import EMITS, compile_plan
-from ..errors import HyqError
-from ..fileio import sha256_file
-from ..quant.calibrate import calibrate
-from ..quant.plan import QuantPlan, check_weights
+from ..build import AUTO, EMITS, compile_plan
 from ..targets import load_target
-from .options import add_img_size, add_model, add_plan, add_weights
+from .options import add_img_size, add_model, add_plan, add_weights, plan_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,27 +22,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " onnxruntime (model.onnx); both: --emit tvm onnx")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="artifact folder to write (default: artifacts/MODEL-TARGET)")
+    tuned = p.add_mutually_exclusive_group()
+    tuned.add_argument("--schedules", type=Path, default=None,
+                       help="tuning database folder from python -m hyq_tvm.tune (default: "
+                            "schedules/TARGET/MODEL-SIZE-wBaB when it exists)")
+    tuned.add_argument("--no-schedules", action="store_true", help="build with the default schedules only")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     load_target(args.target)
-    if args.plan is not None:
-        plan = QuantPlan.load(args.plan)
-        if args.model is not None and args.model != plan.model["name"]:
-            raise HyqError(f"the plan is for {plan.model['name']}, not {args.model}")
-        if args.img_size is not None and args.img_size != plan.model["img_size"]:
-            raise HyqError(f"the plan is for {plan.model['img_size']}x{plan.model['img_size']} inputs, not"
-                           f" {args.img_size}: calibrate again with --img-size {args.img_size}")
-        weights = Path(args.weights) if args.weights else zoo.proxy_checkpoint(plan.model["name"])
-        check_weights(plan, sha256_file(weights) if weights.is_file() else None)  # before the progress bar
-    else:
-        name = args.model or zoo.DEFAULT_MODEL
-        zoo.model_spec(name)
-        if args.img_size is not None:
-            zoo.check_img_size(args.img_size)
-        plan, _ = calibrate(name, args.weights, method="qhyvit", wbits=8, abits=8, img_size=args.img_size)
+    plan = plan_from_args(args)
     out = args.output or Path("artifacts") / f"{plan.model['name']}-{args.target}"
-    compile_plan(plan, args.target, out, args.weights, progress=True, emit=tuple(dict.fromkeys(args.emit)))
+    schedules = None if args.no_schedules else args.schedules or AUTO
+    compile_plan(plan, args.target, out, args.weights, progress=True, emit=tuple(dict.fromkeys(args.emit)),
+                 schedules=schedules)
     print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}")

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from .. import zoo
-from ..fileio import RowCache
+from ..errors import HyqError
+from ..fileio import RowCache, sha256_file
 
 PROXY_MODELS = ("mobilevit_xxs", "mobilevitv2_050", "efficientformer_l1", "efficientformerv2_s0")
 
@@ -31,6 +32,34 @@ def add_data(p: argparse.ArgumentParser) -> None:
 
 def add_plan(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--plan", type=Path, default=None, help=f"QuantPlan from python -m hyq_tvm.calibrate{note}")
+
+
+def plan_from_args(args: argparse.Namespace, bits: int | None = None):
+    """The QuantPlan of --plan, checked against --model, --img-size, `bits` and the weights; without --plan, the
+    Q-HyViT W{bits}A{bits} plan (default 8) of --model calibrated now."""
+    from ..quant.calibrate import calibrate
+    from ..quant.plan import QuantPlan, check_weights
+    from ..quant.quantizer import check_bits
+
+    if args.plan is None:
+        name = args.model or zoo.DEFAULT_MODEL
+        zoo.model_spec(name)
+        if args.img_size is not None:
+            zoo.check_img_size(args.img_size)
+        bits = 8 if bits is None else check_bits(bits, "--bits")
+        return calibrate(name, args.weights, method="qhyvit", wbits=bits, abits=bits, img_size=args.img_size)[0]
+    plan = QuantPlan.load(args.plan)
+    if args.model is not None and args.model != plan.model["name"]:
+        raise HyqError(f"the plan is for {plan.model['name']}, not {args.model}")
+    if args.img_size is not None and args.img_size != plan.model["img_size"]:
+        raise HyqError(f"the plan is for {plan.model['img_size']}x{plan.model['img_size']} inputs, not"
+                       f" {args.img_size}: calibrate again with --img-size {args.img_size}")
+    wbits, abits = plan.calibration["wbits"], plan.calibration["abits"]
+    if bits is not None and (wbits, abits) != (bits, bits):
+        raise HyqError(f"the plan is W{wbits}A{abits}, not W{bits}A{bits}")
+    weights = Path(args.weights) if args.weights else zoo.proxy_checkpoint(plan.model["name"])
+    check_weights(plan, sha256_file(weights) if weights.is_file() else None)
+    return plan
 
 
 def add_bits(p: argparse.ArgumentParser, many: bool = False, default=8) -> None:

@@ -2,6 +2,8 @@
 
     lower(plan) = Sequential([ImportPlan, Annotate, Integerize])(empty module)
     build(mod, target) = Sequential([PackWeights, fusion, default schedule, TVM's lowering, fenced products])
+    build(mod, target, schedules) = the same with the tuned kernels of a MetaSchedule database (tuning.py)
+                                    scheduled from it between fusion and the default schedule
 
 Every command, report and test goes from a plan to a library through these two functions.
 """
@@ -19,6 +21,7 @@ from .importer import import_model, input_layers
 from .integer import IntegerLayer, integerize_pass
 from .pack import pack_weights
 from .schedule import build_pipeline
+from .tuning import apply_database, build_stages
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,16 @@ def lower(plan: QuantPlan, weights: str | Path | None = None) -> Lowered:
     return Lowered(mod, layers, inputs)
 
 
-def build_passes(target: tvm.target.Target) -> tvm.transform.Pass:
+def build_passes(target: tvm.target.Target, schedules: str | Path | None = None) -> tvm.transform.Pass:
     """Constant int8 weights packed for the target's dot-product instructions, then the build pipeline of
-    schedule.py (fused, scheduled, float islands with the same bits on every LLVM target)."""
-    return tvm.transform.Sequential([pack_weights(target), build_pipeline(target)], name="hyq.Build")
+    schedule.py (fused, scheduled, float islands with the same bits on every LLVM target); with `schedules`, a
+    tuning database folder, the kernels it holds take their tuned schedule before the default one."""
+    if schedules is None:
+        return tvm.transform.Sequential([pack_weights(target), build_pipeline(target)], name="hyq.Build")
+    fused, rest = build_stages(target)
+    return tvm.transform.Sequential([*fused, apply_database(schedules, target), *rest], name="hyq.Build")
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """The Relax module compiled for `target` by the build passes."""
-    return tvm.compile(mod, target=target, relax_pipeline=build_passes(target))
+def build(mod: tvm.IRModule, target: tvm.target.Target, schedules: str | Path | None = None) -> tvm.runtime.Executable:
+    """The Relax module compiled for `target` by the build passes (with the tuning database folder `schedules`)."""
+    return tvm.compile(mod, target=target, relax_pipeline=build_passes(target, schedules))
