@@ -17,6 +17,7 @@ from hyq_tvm.errors import HyqError
 from hyq_tvm.onnx_qdq import export_onnx, onnx_session
 from hyq_tvm.quant import calibrate as calibrate_module
 from hyq_tvm.quant.plan import QuantPlan
+from hyq_tvm.relax.tuning import database_dir
 
 FIELDS = {"model", "img_size", "threads", "method", "wbits", "abits", "repeat", "hyq_int8_ms", "ort_qdq_ms",
           "ort_qdq_u8_ms", "ort_fp32_ms", "torch_fp32_ms", "peak_rss_mb", "ratio_to_fastest", "fastest",
@@ -65,7 +66,8 @@ def test_a_row_has_every_field_and_positive_numbers(run):
     assert (row["img_size"], row["method"], row["wbits"], row["abits"], row["repeat"]) == (64, "qhyvit", 8, 8, 3)
     assert all(row[f"{e}_ms"] > 0 for e in latency.ENGINES) and row["peak_rss_mb"] > 0
     assert row["artifact_bytes"] == (work / "mobilevit_xxs-64-w8a8" / "artifact" / LIBRARY).stat().st_size
-    assert row["schedules"] is None
+    tuned = database_dir("host", "mobilevit_xxs", 64, 8, 8)   # applied by compile when it exists
+    assert row["schedules"] == (str(tuned) if tuned.is_dir() else None)
     assert row["fastest"] == min(OTHERS, key=lambda e: row[f"{e}_ms"])
     assert row["ratio_to_fastest"] == round(row["hyq_int8_ms"] / row[f"{row['fastest']}_ms"], 3)
     assert row["command"].startswith("python -m hyq_tvm.compare --model mobilevit_xxs --img-size 64")
@@ -79,7 +81,7 @@ def test_a_rerun_replaces_its_rows_and_keeps_the_others(run):
     assert rows[("efficientformer_l1", 2)] == _old_row("efficientformer_l1", 2)
     assert rows[("mobilevit_xxs", 1)]["cpu"] != "earlier CPU"
     md = (reports / "benchmark_host.md").read_text()
-    assert "| mobilevit_xxs | 64 | W8A8 | 1 |" in md and "| efficientformer_l1 | 64 | W99A99 | 2 |" in md
+    assert "| mobilevit_xxs | 64 | qhyvit W8A8 | 1 |" in md and "| efficientformer_l1 | 64 | 99 W99A99 | 2 |" in md
     assert "`python -m hyq_tvm.compare --earlier`" in md and rows[("mobilevit_xxs", 1)]["command"] in md
     assert (reports / "benchmark_host.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

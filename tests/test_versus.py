@@ -31,8 +31,11 @@ def test_layer_macs_of_mobilevit_xxs(proxy):
     assert bigger[0]["macs"] == 4 * by_name["stem.conv"]
 
 
-def _plan() -> QuantPlan:
-    return QuantPlan.load(ROOT / "runs" / "xxs64.json")
+@pytest.fixture(scope="module")
+def plan() -> QuantPlan:
+    """A MinMax W8A8 plan of the mobilevit_xxs proxy (the row takes its model and calibration)."""
+    from hyq_tvm.quant.calibrate import calibrate
+    return calibrate("mobilevit_xxs", method="minmax", wbits=8, abits=8)[0]
 
 
 BENCH_ROW = {"board": "rasp4b-9090", "instructions": 2_000_000, "bitexact": True, "bitexact_images": 8, "images": 8,
@@ -56,8 +59,8 @@ def _row(plan, board="rasp4b", ort_int8=4_000_000):
                                 {"onnxruntime": "1.32.0", "tvm": "0.27.0"})
 
 
-def test_benchmark_row_has_the_fields_and_ratios():
-    row = _row(_plan())
+def test_benchmark_row_has_the_fields_and_ratios(plan):
+    row = _row(plan)
     assert {k: row[k] for k in ("model", "board", "img_size", "hyq_int8_instructions", "ort_fp32_instructions",
                                 "ort_int8_instructions", "macs", "bitexact")} == {
         "model": "mobilevit_xxs", "board": "rasp4b", "img_size": 64, "hyq_int8_instructions": 2_000_000,
@@ -72,8 +75,7 @@ def test_benchmark_row_has_the_fields_and_ratios():
     assert row["emulated"] is True and "EMULATED" in row["note"] and row["qemu_cpu"] == "cortex-a72"
 
 
-def test_reports_replace_the_row_of_the_same_model_board_and_size(tmp_path):
-    plan = _plan()
+def test_reports_replace_the_row_of_the_same_model_board_and_size(tmp_path, plan):
     versus.write_reports(tmp_path, "rasp4b", _row(plan))
     other = QuantPlan.from_json({**plan.to_json(), "model": {**plan.model, "img_size": 128}})
     versus.write_reports(tmp_path, "rasp4b", _row(other))
@@ -83,7 +85,7 @@ def test_reports_replace_the_row_of_the_same_model_board_and_size(tmp_path):
     assert [(r["img_size"], r["ort_int8_instructions"]) for r in report["rows"]] == [(64, 5_000_000), (128, 4_000_000)]
     md = md_path.read_text()
     assert md.startswith("# Board benchmark (EMULATED): rasp4b")
-    assert ("| mobilevit_xxs | rasp4b (EMULATED, -cpu cortex-a72) | 64 | qhyvit W8A8 | 2,000,000 | 8,000,000 | "
+    assert ("| mobilevit_xxs | rasp4b (EMULATED, -cpu cortex-a72) | 64 | minmax W8A8 | 2,000,000 | 8,000,000 | "
             "5,000,000 |") in md
     assert "| stem.conv | conv2d | 600,000 | 60.00 |" in md
     assert not list(tmp_path.glob(".*.tmp"))
