@@ -72,5 +72,5 @@ def test_rows_narrower_than_the_vector_are_vectorized_together():
         bb.emit_func_output(out)
     mod = tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), schedule.fusion(),
                                     schedule.schedule_pass(HOST)])(bb.get())
-    lanes = schedule._lanes(HOST)
+    lanes = schedule.int32_lanes(HOST)
     assert lanes > 4 and f"T.vectorized(T.int64({lanes}))" in mod.script()   # 4x4 rows, all lanes used

@@ -22,7 +22,8 @@ from tvm import relax, s_tir, te
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from . import schedule
+from . import depthwise, schedule
+from .window import Window, dims
 from .schedule import PARALLEL_MIN, _extent, _factor
 
 ROWS = 8         # output rows per register tile ...
@@ -153,41 +154,6 @@ def pack(weight: np.ndarray, dot: Dot) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
-@dataclass(frozen=True)
-class Window:
-    """Where a batch-1 NCHW convolution reads its input: the GEMM's row i is output pixel (i // out_w, i % out_w),
-    column j is (channel, dy, dx) = (j // (kh * kw), j // kw % kh, j % kw) of a (kh, kw) window, zero outside."""
-
-    in_shape: tuple[int, int, int]    # C, H, W
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: tuple[int, int, int, int]   # top, left, bottom, right
-    out_hw: tuple[int, int]
-
-    def read(self, a: te.Tensor, i, j) -> tvm.tirx.PrimExpr:
-        """Element (i, j) of the GEMM operand, a being the (1, C, H, W) image already padded by `padded`."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilation
-        y = i // self.out_hw[1] * sh + j // kw % kh * dh
-        x = i % self.out_hw[1] * sw + j % kw * dw
-        return a[0, j // (kh * kw), y, x]
-
-    def padded(self, a: te.Tensor) -> te.Tensor:
-        """The image with the window's zero padding (a itself when there is none)."""
-        top, left, bottom, right = self.padding
-        if not any(self.padding):
-            return a
-        c, h, w = self.in_shape
-        return te.compute((1, c, h + top + bottom, w + left + right), lambda _, ch, y, x: te.if_then_else(
-            tvm.tirx.all(y >= top, y < h + top, x >= left, x < w + left), a[0, ch, y - top, x - left],
-            tvm.tirx.const(0, "int8")), name="pad")
-
-
-def _dims(*shape: int) -> list[tvm.tirx.IntImm]:
-    """int64 dimensions, as in TVM's legalized operators, so that FuseOps / FuseTIR fuse the kernels with them."""
-    return [tvm.tirx.IntImm("int64", d) for d in shape]
-
-
 def _operand(dot: Dot) -> tuple[int, str]:
     """What the kernel adds to an int8 activation, and the type the instruction takes it in."""
     return (128, "uint8") if dot.shift else (0, "int8")
@@ -234,9 +200,9 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
     through it and out is (1, n, out_h, out_w): a convolution."""
     m = math.prod(window.out_hw) if window else math.prod(rows)
     kp, np_, lanes = -(-k // 4) * 4, -(-n // dot.lanes) * dot.lanes, dot.lanes
-    a = te.placeholder(_dims(1, *window.in_shape) if window else _dims(*rows, k), "int8", "a")
-    w = te.placeholder(_dims(np_ // lanes, kp // 4, lanes, 4), "int8", "w")
-    offset = te.placeholder(_dims(n), "int32", "offset")
+    a = te.placeholder(dims(1, *window.in_shape) if window else dims(*rows, k), "int8", "a")
+    w = te.placeholder(dims(np_ // lanes, kp // 4, lanes, 4), "int8", "w")
+    offset = te.placeholder(dims(n), "int32", "offset")
     zero, operand = _operand(dot)
     plain = not dot.shift and k == kp and not window and len(rows) == 1   # a is already the kernel's operand
     image = window.padded(a) if window else None
@@ -244,17 +210,17 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
     def load(i, j):
         value = window.read(image, i, j) if window else a[(*_split_index(i, rows), j)]
         return (value.astype("int32") + zero).astype(operand)
-    au = a if plain else te.compute(_dims(m, kp), lambda i, j: te.if_then_else(
+    au = a if plain else te.compute(dims(m, kp), lambda i, j: te.if_then_else(
         j < k, load(i, j), tvm.tirx.const(zero, operand)), name="a_in")
     r = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kp)), "r")
-    acc = te.compute(_dims(m, np_), lambda i, j: te.sum(
+    acc = te.compute(dims(m, np_), lambda i, j: te.sum(
         au[i, r].astype("int32") * w[j // lanes, r // 4, j % lanes, r % 4].astype("int32"), axis=r), name="acc")
     if window:
         ow = window.out_hw[1]
-        out = te.compute(_dims(1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
+        out = te.compute(dims(1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
         aligned = True
     else:
-        out = te.compute(_dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
+        out = te.compute(dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
                          name="out")
         aligned = rows[-1] % _row_tile(m, kp) == 0   # a tile of rows lies within one run of the last dimension
     return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, aligned=aligned)
@@ -274,9 +240,9 @@ def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
     broadcast, so the result is written channel by channel as NCHW (scheduled by `schedule_packed`)."""
     lanes, m = dot.lanes, math.prod(window.out_hw)
     kp, mp = -(-k // 4) * 4, -(-m // lanes) * lanes
-    a = te.placeholder(_dims(1, *window.in_shape), "int8", "a")
-    w = te.placeholder(_dims(n, kp), "int8", "w")
-    offset = te.placeholder(_dims(n), "int32", "offset")
+    a = te.placeholder(dims(1, *window.in_shape), "int8", "a")
+    w = te.placeholder(dims(n, kp), "int8", "w")
+    offset = te.placeholder(dims(n), "int32", "offset")
     zero, operand = _operand(dot)
     image = window.padded(a)
 
@@ -284,12 +250,12 @@ def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
         value = (window.read(image, i, r4 * 4 + q).astype("int32") + zero).astype(operand)
         inside = [cond for cond, needed in ((i < m, mp > m), (r4 * 4 + q < k, kp > k)) if needed]
         return te.if_then_else(tvm.tirx.all(*inside), value, tvm.tirx.const(zero, operand)) if inside else value
-    a_in = te.compute(_dims(kp // 4, mp, 4), load, name="a_in")
+    a_in = te.compute(dims(kp // 4, mp, 4), load, name="a_in")
     r = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kp)), "r")
-    acc = te.compute(_dims(n, mp), lambda j, i: te.sum(
+    acc = te.compute(dims(n, mp), lambda j, i: te.sum(
         w[j, r].astype("int32") * a_in[r // 4, i, r % 4].astype("int32"), axis=r), name="acc")
     ow = window.out_hw[1]
-    out = te.compute(_dims(1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
+    out = te.compute(dims(1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
     aligned = m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0)   # a tile: whole rows or part of one
     return _annotated(te.create_prim_func([a, w, offset, out]), "lanes", dot, ow if mp == m else 0, aligned)
 
@@ -319,10 +285,10 @@ def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
             sch.vectorize(sch.split(sch.fuse(i, q), [None, 4 * lanes])[1])
 
 
-def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, bool, Callable[[], None]]:
-    """Tile a PACKED accumulation block and vectorize its STAGED operands; the outer tile loop, whether the output
-    of one tile is a block of whole rows (so that its epilogue can be computed in the tile), and what tensorizes
-    the block once its consumers are placed."""
+def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, Callable | None, Callable[[], None]]:
+    """Tile a PACKED accumulation block and vectorize its STAGED operands; the outer tile loop, how a consumer is
+    computed in it where the output of one tile is a block of whole rows (else None), and what tensorizes the
+    block once its consumers are placed."""
     layout, intrin, out_w, aligned = str(sch.get(acc).annotations[PACKED]).split(":")
     dot = DOTS[intrin]
     _schedule_staged(sch, acc, dot.lanes, int(out_w))
@@ -342,7 +308,7 @@ def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, bool, Callable[[]
         init = sch.decompose_reduction(acc, k_o)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(col_i, dot.intrin if layout == "rows" else dot.lanes_intrin)
-    return outer, aligned == "1", tensorize
+    return outer, schedule.place_in_tile(sch, outer, dot.lanes) if aligned == "1" else None, tensorize
 
 
 def _const_int8(expr: relax.Expr) -> np.ndarray | None:
@@ -357,9 +323,9 @@ def _int8(expr: relax.Expr) -> bool:
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, dot: Dot):
+    def __init__(self, mod: tvm.IRModule, dot: Dot | None, lanes: int):
         super().__init__(mod)
-        self.dot, self.kernels = dot, {}
+        self.dot, self.lanes, self.kernels = dot, lanes, {}
 
     def _kernel(self, key: tuple, make, name: str) -> relax.GlobalVar:
         if key not in self.kernels:
@@ -399,25 +365,37 @@ class _Packer(relax.PyExprMutator):
         if weight is None or str(getattr(attrs, "out_dtype", "")) != "int32":
             return call
         shape = [int(d) for d in x.ty.shape]
-        if name == "relax.matmul" and weight.ndim == 2 and len(shape) >= 2:
+        if name == "relax.matmul" and weight.ndim == 2 and len(shape) >= 2 and self.dot:
             return self._gemm(x, weight)
-        if (name == "relax.nn.conv2d" and int(attrs.groups) == 1 and shape[0] == 1
-                and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")):
-            window = Window(tuple(shape[1:]), weight.shape[2:], *(tuple(int(v) for v in getattr(attrs, a))
-                                                                  for a in ("strides", "dilation", "padding")),
-                            tuple(int(d) for d in call.ty.shape)[2:])
+        if (name != "relax.nn.conv2d" or shape[0] != 1
+                or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")):
+            return call
+        window = Window(tuple(shape[1:]), weight.shape[2:], *(tuple(int(v) for v in getattr(attrs, a))
+                                                              for a in ("strides", "dilation", "padding")),
+                        tuple(int(d) for d in call.ty.shape)[2:])
+        if int(attrs.groups) == 1 and self.dot:
             return self._conv(x, weight, window)
+        if int(attrs.groups) == shape[1] == weight.shape[0] and depthwise.suits(window, self.lanes):
+            return self._depthwise(x, weight, window)
         return call
+
+    def _depthwise(self, a: relax.Expr, weight: np.ndarray, window: Window) -> relax.Expr:
+        """The depthwise convolution of the image `a` by the (C, 1, kh, kw) `weight` through `window`."""
+        c, oh, ow = window.in_shape[0], *window.out_hw
+        kernel = self._kernel(("depthwise", window), lambda: depthwise.depthwise(window, self.lanes),
+                              f"hyq_depthwise_{c}x{oh}x{ow}")
+        args = [a, relax.const(depthwise.pack(weight, self.lanes))]
+        return relax.call_tir(kernel, args, relax.TensorType((1, c, oh, ow), "int32"))
 
 
 def pack_weights(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Rewrite int8 GEMMs with constant weights into packed, tensorized kernels for `target` (see module doc)."""
+    """Rewrite int8 GEMMs with constant weights into packed, tensorized kernels for `target` (see module doc), and
+    int8 depthwise convolutions into the channel-lane kernels of depthwise.py."""
     @tvm.transform.module_pass(opt_level=0, name="HyqPackWeights")
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        dot = dot_for(target)
-        if dot is None:
+        if target.kind.name != "llvm":
             return mod
-        packer = _Packer(mod, dot)
+        packer = _Packer(mod, dot_for(target), schedule.int32_lanes(target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gv, packer.visit_expr(func))

@@ -25,12 +25,13 @@ PARALLEL_MIN = 1 << 14   # multiply-adds or elements below which a loop nest sta
 ROW_TILE = 4             # output rows computed together in a reduction (register tile)
 COSTLY_FLOAT_OPS = 16    # float operations per element above which a block counts as a math function
 # schedules of blocks marked by an annotation (key): f(sch, block) -> (the loop its consumers may be computed at,
-# whether they may, what completes the schedule once they are placed); blocks marked KEEP are scheduled by them
+# how a consumer is computed there (None: it may not), what completes the schedule once they are placed); blocks
+# marked KEEP are scheduled by them
 ANNOTATED: dict[str, Callable] = {}
 KEEP = "hyq.staged"
 
 
-def _lanes(target: tvm.target.Target) -> int:
+def int32_lanes(target: tvm.target.Target) -> int:
     """32-bit lanes in a vector register of the target."""
     return max(llvm_get_vector_width(target), 128) // 32
 
@@ -77,9 +78,33 @@ def _costly(block: tirx.SBlock) -> bool:
     return bool(_calls(block) - _CHEAP) or _float_ops(block) > COSTLY_FLOAT_OPS
 
 
+def _gathers(block: tirx.SBlock) -> bool:
+    """Whether the block reads at indices computed in floats (an interpolation's int64 cast of a float):
+    lane by lane in any vector."""
+    found = [False]
+
+    def seen(cast):
+        found[0] = found[0] or (str(cast.ty) == "int64" and "float" in str(cast.value.ty))
+        return cast
+    tvm_ffi.structural_map(block.body, [(tirx.Cast, seen)])
+    return found[0]
+
+
+def _feeds_costly(sch: s_tir.Schedule, block) -> bool:
+    """Whether a math function consumes the block's output, directly or through other blocks."""
+    todo = list(sch.get_consumers(block))
+    while todo:
+        consumer = todo.pop()
+        if _costly(sch.get(consumer)):
+            return True
+        todo.extend(sch.get_consumers(consumer))
+    return False
+
+
 def _inline(sch: s_tir.Schedule) -> None:
     """Inline spatial blocks into their consumers (or consumers into them), except math functions into
-    several consumers (computed twice) or into padding (computed lane by lane)."""
+    several consumers (computed twice) or into padding (computed lane by lane), and gathers into math functions
+    (which would be computed lane by lane with them)."""
     root = sch.get_sblock("root")
     changed = True
     while changed:
@@ -93,6 +118,8 @@ def _inline(sch: s_tir.Schedule) -> None:
             if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c))
                                                              for c in consumers)):
                 continue
+            if _gathers(stmt) and _feeds_costly(sch, block):
+                continue
             try:
                 sch.compute_inline(block)
             except s_tir.schedule.ScheduleError:
@@ -100,15 +127,17 @@ def _inline(sch: s_tir.Schedule) -> None:
             changed = True
             break
     for block in reversed(sch.get_child_blocks(root)[1:]):
-        padding = _PADDING in _calls(sch.get(block))
-        if KEEP in sch.get(block).annotations:
+        stmt = sch.get(block)
+        if KEEP in stmt.annotations or _is_reduction(sch, block):
             continue
-        if not _is_reduction(sch, block) and not (padding and any(_costly(sch.get(p))
-                                                                  for p in sch.get_producers(block))):
-            try:
-                sch.reverse_compute_inline(block)
-            except s_tir.schedule.ScheduleError:
-                pass
+        producers = [sch.get(p) for p in sch.get_producers(block)]
+        if any(_costly(p) for p in producers) if _PADDING in _calls(stmt) else (
+                _costly(stmt) and any(_gathers(p) for p in producers)):
+            continue   # a math function computed in padding, or next to a gather: lane by lane
+        try:
+            sch.reverse_compute_inline(block)
+        except s_tir.schedule.ScheduleError:
+            pass
 
 
 def _trivial_loops(sch: s_tir.Schedule, block) -> list | None:
@@ -126,8 +155,8 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, within: int = 0) ->
     loops = sch.get_loops(block)[within:]
     if not loops:
         return []
-    if _trivial_loops(sch, block) is not None:   # rows narrower than the vector: vectorize several at once
-        while len(loops) > 1 and _extent(sch, loops[-1]) < lanes:
+    if _trivial_loops(sch, block) is not None:   # rows the vector does not divide: vectorize several at once
+        while len(loops) > 1 and _factor(_extent(sch, loops[-1]), lanes) < lanes:
             loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
     vec = _factor(_extent(sch, loops[-1]), lanes)
     if vec < 2:
@@ -148,9 +177,10 @@ def _parallel(sch: s_tir.Schedule, loops: list, work: int):
 def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     work = math.prod(_extent(sch, l) for l in loops)
-    if _PADDING in _calls(sch.get(block)) and _factor(_extent(sch, loops[-1]), lanes) < lanes:
-        # a padded row whose width the vector does not divide: LLVM vectorizes the plain row loop with its
-        # bounds check far better than a split by the few lanes that divide it
+    if _gathers(sch.get(block)) or (_PADDING in _calls(sch.get(block))
+                                     and _factor(_extent(sch, loops[-1]), lanes) < lanes):
+        # a gather, or a padded row whose width the vector does not divide: LLVM does far better with the plain
+        # row loop (loads hoisted, bounds checks vectorized) than with lanes split out of it
         outer = loops[:-1]
     else:
         outer = _vectorize_inner(sch, block, lanes)
@@ -212,15 +242,25 @@ def _follow_reduction(sch: s_tir.Schedule, block, anchor, lanes: int) -> bool:
     return True
 
 
+def place_in_tile(sch: s_tir.Schedule, anchor, lanes: int) -> Callable:
+    """How a spatial consumer is computed inside the tile loop `anchor`: its own loops there, the innermost
+    vectorized."""
+    def place(block) -> None:
+        sch.reverse_compute_at(block, anchor)
+        _vectorize_inner(sch, block, lanes, within=1)
+    return place
+
+
 def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool = False) -> s_tir.Schedule | None:
     """A schedule of `func` for the CPU `target`: inlined, parallel, vectorized; None if not a CPU target."""
     if target.kind.name != "llvm":
         return None
-    lanes = _lanes(target)
+    lanes = int32_lanes(target)
     sch = s_tir.Schedule(func)
     _inline(sch)
     root = sch.get_sblock("root")
     anchor = None   # the outermost loop of the last reduction (all its outer loops fused): where its consumers go
+    place = None    # how a consumer is computed at the anchor
     finishes = []   # what annotated blocks' schedules do once their consumers are placed
     for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
         block = sch.get_sblock(name)
@@ -229,20 +269,20 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
             continue
         rule = next((ANNOTATED[key] for key in annotations if key in ANNOTATED), None)
         if rule is not None:
-            anchor, whole_rows, finish = rule(sch, block)
-            anchor = anchor if whole_rows else None
+            anchor, place, finish = rule(sch, block)
+            anchor = anchor if place else None
             finishes.append(finish)
             continue
         if _is_reduction(sch, block):
             if anchor is None or not _follow_reduction(sch, block, anchor, lanes):
                 anchor = _schedule_reduction(sch, block, lanes)
+                place = place_in_tile(sch, anchor, lanes)
             continue
         if anchor is not None and _PADDING in _calls(sch.get(block)):
             anchor = None   # a padded output is written by its own loops
         if anchor is not None:
             try:
-                sch.reverse_compute_at(block, anchor)
-                _vectorize_inner(sch, block, lanes, within=1)
+                place(block)
                 continue
             except s_tir.schedule.ScheduleError:
                 pass
