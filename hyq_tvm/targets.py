@@ -5,7 +5,8 @@ A target file holds:
   [llvm]       the TVM target dict (kind = "llvm", mtriple, mcpu, mattr, num-cores)
   [cross]      compiler = "aarch64-linux-gnu-g++" (links model.so for the board), arch = "aarch64"
                (the ELF machine of that library); absent for the host, which links natively
-  [rpc]        key = tracker key of the board, threads = TVM runtime threads on it
+  [rpc]        key = tracker key of the board, threads = TVM runtime threads on it (TVM_NUM_THREADS of the
+               emulated board's RPC server; default: num-cores)
   [emulation]  qemu_arch, qemu_cpu: the qemu-user stand-in (hyq_tvm.devices) when no board is reachable
 
 tvm is imported lazily so that reading targets (e.g. the board table of hyq_tvm.devices) stays cheap.
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import HyqError
+from .resources import data_dir
 
-TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGET_DIR = data_dir("targets")
 
 # ELF e_machine values of the architectures we may meet, and platform.machine() spellings.
 _ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}

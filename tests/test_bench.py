@@ -90,13 +90,16 @@ def test_architecture_mismatch_is_refused_before_upload(tmp_path, monkeypatch):
 
 
 def test_no_free_device_times_out(tmp_path):
-    tracker = fleet.start_tracker("127.0.0.1", tmp_path, port=closed_port())
+    from tvm.rpc.tracker import Tracker
+
+    port = closed_port()
+    tracker = Tracker("127.0.0.1", port=port, port_end=port + 1, silent=True)  # TVM's own, in a worker process
     try:
-        r = cli("--tracker", f"127.0.0.1:{tracker['port']}", "--key", "nosuchboard", "--timeout", "3",
+        r = cli("--tracker", f"127.0.0.1:{tracker.port}", "--key", "nosuchboard", "--timeout", "3",
                 "--artifact", fake_host_artifact(tmp_path / "a"), "--reports", tmp_path / "r",
                 "--devices-state", tmp_path / "s.json")
     finally:
-        fleet.kill_group(tracker["pgid"])
+        tracker.terminate()
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "no free device with key 'nosuchboard'" in lines[0] and "within 3 s" in lines[0]

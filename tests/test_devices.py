@@ -83,6 +83,43 @@ def test_stop_with_nothing_running(tmp_path):
         fleet.stop("rasp9", cache=tmp_path, state_file=tmp_path / "s.json")
 
 
+def test_boards_listen_on_loopback_unless_exposed(tmp_path):
+    assert fleet.is_loopback("127.0.0.1") and fleet.is_loopback("localhost") and fleet.is_loopback("::1")
+    assert not fleet.is_loopback("0.0.0.0")
+    r = cli("start", "rasp4b", "--host", "0.0.0.0", env={"HYQ_TVM_CACHE": str(tmp_path)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--expose" in lines[0] and "no authentication" in lines[0]
+
+
+def test_servers_run_unprivileged_with_the_targets_threads():
+    for name, threads in (("rasp4b", "4"), ("rk3399", "2")):
+        cmd, env = fleet.server_command(Path("/r"), get_board(name), "127.0.0.1", 9090, ("127.0.0.1", 9190), name)
+        assert cmd[:3] == ["chroot", f"--userspec={fleet.RPC_USER}", "/r"] and fleet.RPC_USER == "65534:65534"
+        assert env["TVM_NUM_THREADS"] == threads and f"TVM_NUM_THREADS={threads}" in cmd
+
+
+def test_debian_mirror_comes_from_the_apt_sources(tmp_path, monkeypatch):
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    assert rootfs.apt_mirror(etc) is None
+    (etc / "sources.list.d" / "a.sources").write_text(
+        "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "# the proxy\nTypes: deb-src deb\nURIs: http://proxy.example:3142/debian/\n"
+        "Suites: bookworm-updates\n bookworm\nComponents: main\n")
+    (etc / "sources.list.d" / "b.list.disabled").write_text("deb http://ignored.example/debian bookworm main\n")
+    assert rootfs.apt_mirror(etc) == "http://proxy.example:3142/debian"
+    (etc / "sources.list").write_text("# deb http://commented.example/debian bookworm main\n"
+                                      "deb [arch=amd64 signed-by=/k.gpg] http://trixie.example/debian trixie main\n")
+    assert rootfs.apt_mirror(etc) == "http://proxy.example:3142/debian"  # the one for bookworm comes first
+    (etc / "sources.list.d" / "a.sources").unlink()
+    assert rootfs.apt_mirror(etc) == "http://trixie.example/debian"  # else any Debian archive
+    monkeypatch.setattr(rootfs, "apt_mirror", lambda: None)
+    monkeypatch.delenv(rootfs.MIRROR_ENV, raising=False)
+    assert rootfs.debian_mirror() == rootfs.DEFAULT_MIRROR
+    monkeypatch.setenv(rootfs.MIRROR_ENV, "http://override.example/debian")
+    assert rootfs.debian_mirror() == "http://override.example/debian"
+
+
 @pytest.mark.slow
 def test_instruction_count_is_deterministic(tmp_path):
     need_tools("aarch64-linux-gnu-gcc", "qemu-aarch64", "gcc")
@@ -112,6 +149,12 @@ def _released(host: str, port: int, wait: float = 15.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
+
+
+def _uid(pid: int) -> int:
+    """The effective user id of a process."""
+    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:"))
+    return int(line.split()[2])
 
 
 def _tiny_module(path: Path) -> None:
@@ -179,9 +222,14 @@ def test_rpc_round_trip_on_emulated_board(tmp_path, board_name):
         assert board["qemu_cpu"] == get_board(board_name).qemu_cpu
         st = fleet.status(state_file=state_file)
         assert st["boards"][0]["alive"] and board_name in st["tracker_summary"]
+        for pgid in (board["pgid"], t["pgid"]):  # tracker and server: every process runs as nobody
+            assert {_uid(pid) for pid in fleet.group_members(pgid)} == {65534}
         lib = tmp_path / "tiny.so"
         _tiny_module(lib)
         remote = rpc.connect_tracker(t["host"], t["port"]).request(board_name, session_timeout=300)
+        threads = get_board(board_name).threads  # [rpc] threads; TVM runs at most one thread per core
+        assert f"TVM_NUM_THREADS={threads}".encode() in Path(f"/proc/{board['pid']}/environ").read_bytes().split(b"\0")
+        assert remote.get_function("runtime.NumThreads")() == min(threads, len(os.sched_getaffinity(0)))
         remote.upload(str(lib))
         vm = relax.VirtualMachine(remote.load_module("tiny.so"), remote.cpu())
         rng = np.random.default_rng(0)

@@ -3,9 +3,14 @@ registered with an RPC tracker. State (pids, process groups, ports, keys) lives 
 
 Each process is started in its own session (setsid), so its process group holds it and every
 child it forks (the popen worker and the per-session processes); stop kills that group.
+
+TVM RPC has no authentication and a server runs any library a client sends it. So the tracker and the
+servers run in the rootfs as an unprivileged user (RPC_USER, through chroot --userspec), and they listen
+on the loopback interface unless the caller passes expose=True (the CLI's --expose) with another host.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -21,6 +26,7 @@ from .rootfs import VENV, build_rootfs, cache_dir, ensure_binfmt, mount_proc, re
 
 STATE_FILE = "devices.json"
 DEFAULT_TRACKER_PORT = 9190
+RPC_USER = "65534:65534"  # nobody:nogroup of the rootfs: no process of the fleet runs as root
 SERVER_READY_TIMEOUT = float(os.environ.get("HYQ_TVM_SERVER_TIMEOUT", "240"))
 
 
@@ -149,12 +155,20 @@ def _log_tail(log: Path, n: int = 1) -> str:
     return " | ".join(lines[-n:])[:300]
 
 
-def start_tracker(host: str, cache: Path, port: int | None = None) -> dict:
+def rootfs_python(root: Path, args: list[str], env: dict[str, str]) -> list[str]:
+    """The command line that runs the rootfs's venv python with `args` as RPC_USER in exactly `env`."""
+    return ["chroot", f"--userspec={RPC_USER}", str(root), "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+            f"{VENV}/bin/python", *args]
+
+
+def start_tracker(host: str, cache: Path, root: Path, port: int | None = None) -> dict:
+    """An RPC tracker in the rootfs (under qemu-user, as RPC_USER) on host:port (default: a free port from 9190)."""
     port = free_port(host, port or DEFAULT_TRACKER_PORT)
     log = cache / "logs" / f"tracker-{port}.log"
-    proc = _spawn([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
-                   "--port-end", str(port + 1)], log)
-    deadline = time.monotonic() + 60
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+    proc = _spawn(rootfs_python(root, ["-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+                                       "--port-end", str(port + 1)], env), log)
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise HyqError(f"the RPC tracker exited with status {proc.returncode}: {_log_tail(log)} (log {log})")
@@ -166,7 +180,7 @@ def start_tracker(host: str, cache: Path, port: int | None = None) -> dict:
         except (OSError, HyqError):
             time.sleep(0.3)
     kill_group(proc.pid)
-    raise HyqError(f"the RPC tracker did not answer on {host}:{port} within 60 s (log {log})")
+    raise HyqError(f"the RPC tracker did not answer on {host}:{port} within {SERVER_READY_TIMEOUT:.0f} s (log {log})")
 
 
 def _server_registered(summary: dict, key: str, port: int) -> bool:
@@ -178,25 +192,36 @@ def _server_registered(summary: dict, key: str, port: int) -> bool:
 
 def server_command(root: Path, board, host: str, port: int, tracker: tuple[str, int], key: str,
                    icount_out: str | None = None) -> tuple[list[str], dict]:
-    """The chroot command line and environment of one RPC server under qemu-user -cpu board.qemu_cpu."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-           "QEMU_CPU": board.qemu_cpu}
-    inner = ["env", "-i"] + [f"{k}={v}" for k, v in env.items()]
-    if icount_out:
-        inner.append(f"HYQ_ICOUNT_OUT={icount_out}")
-    cmd = ["chroot", str(root), *inner, f"{VENV}/bin/python", "-m", "tvm.exec.rpc_server",
-           "--host", host, "--port", str(port), "--port-end", str(port + 1),
-           "--tracker", f"{tracker[0]}:{tracker[1]}", "--key", key]
-    return cmd, env
+    """The command line and environment of one RPC server in the rootfs under qemu-user -cpu board.qemu_cpu, as
+    RPC_USER, with board.threads TVM runtime threads."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "QEMU_CPU": board.qemu_cpu}
+    if board.threads:
+        env["TVM_NUM_THREADS"] = str(board.threads)
+    args = ["-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port), "--port-end", str(port + 1),
+            "--tracker", f"{tracker[0]}:{tracker[1]}", "--key", key]
+    return rootfs_python(root, args, dict(env, HYQ_ICOUNT_OUT=icount_out) if icount_out else env), env
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address of this machine."""
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as err:
+        raise HyqError(f"--host {host} is not an address ({err.strerror})") from None
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def start(board_name: str, count: int = 1, tracker: str | None = None, host: str = "127.0.0.1",
           key: str | None = None, cache: Path | None = None, state_file: Path | None = None,
-          icount: bool = False, out=sys.stderr) -> dict:
-    """Start `count` emulated boards under one key (default: the board name); return the new state."""
+          icount: bool = False, expose: bool = False, out=sys.stderr) -> dict:
+    """Start `count` emulated boards under one key (default: the board name); return the new state.
+    A `host` that is not a loopback address needs expose=True."""
     board = get_board(board_name)
     if count < 1:
         raise HyqError(f"--count must be at least 1, not {count}")
+    if not expose and not is_loopback(host):
+        raise HyqError(f"--host {host} is not a loopback address: anyone who reaches it could run any code on the "
+                       f"boards (TVM RPC has no authentication); pass --expose to do so on a private network")
     cache = cache or cache_dir()
     spath = state_file or state_path(cache)
     key = key or board.key or board.name
@@ -227,7 +252,7 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
             state["tracker"] = {"host": thost, "port": tport, "pid": None, "pgid": None, "started": False}
     elif not old:
         t0 = time.monotonic()
-        state["tracker"] = start_tracker(host, cache)
+        state["tracker"] = start_tracker(host, cache, root)
         thost, tport = state["tracker"]["host"], state["tracker"]["port"]
         print(f"tracker listening on {thost}:{tport} ({time.monotonic() - t0:.1f} s)", file=out, flush=True)
     save_state(spath, state)
@@ -251,6 +276,14 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
     save_state(spath, state)
     print(f"starting {count} x {board.name} (qemu-user -cpu {board.qemu_cpu}) under key {key!r} ...",
           file=out, flush=True)
+    ports = ", ".join(str(e["port"]) for e, _ in pending)
+    exposed = [] if is_loopback(host) else [f"RPC servers on {host} ports {ports}"]
+    if state["tracker"]["started"] and not is_loopback(thost):
+        exposed.insert(0, f"the RPC tracker on {thost}:{tport}")
+    if exposed:
+        print(f"warning: exposing {' and '.join(exposed)} without authentication: whoever reaches them can run any "
+              f"code on the boards (as an unprivileged user in the rootfs) and take or feed the tracker's sessions",
+              file=out, flush=True)
     deadline = time.monotonic() + SERVER_READY_TIMEOUT
     while pending:
         summary = tracker_summary(thost, tport)

@@ -13,17 +13,18 @@ from pathlib import Path
 
 from ..errors import HyqError
 from ..fileio import sha256_file
+from ..resources import data_dir
 from .boards import get_board
 from .rootfs import VENV, cache_dir, proc_mounted, require_tool
 
-SOURCE = Path(__file__).resolve().parents[2] / "native" / "icount.c"
+SOURCE = data_dir("native") / "icount.c"
 DEFAULT_SYSROOT = "/usr/aarch64-linux-gnu"  # from libc6-arm64-cross (pulled in by gcc-aarch64-linux-gnu)
 
 
 def build_plugin(cache: Path | None = None, source: Path = SOURCE) -> Path:
     """Compile native/icount.c with gcc -shared -fPIC into the cache (once per source version)."""
     if not source.is_file():
-        raise HyqError(f"plugin source {source} not found (it ships in the repository's native/ folder)")
+        raise HyqError(f"plugin source {source} not found (it ships with the package: native/ in the repository)")
     digest = sha256_file(source)[:12]
     out = (cache or cache_dir()) / "native" / f"icount-{digest}.so"
     if out.is_file():

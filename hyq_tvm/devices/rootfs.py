@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from ..errors import HyqError
 
 SUITE = "bookworm"
 PYTHON_VERSION = "3.11"  # bookworm's python3
-MIRROR = os.environ.get("HYQ_TVM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+MIRROR_ENV = "HYQ_TVM_DEBIAN_MIRROR"  # overrides the archive taken from this machine's apt sources
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
 WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "tornado", "psutil", "cloudpickle",
           "numpy", "onnxruntime==1.32.0")
 VENV = "/opt/venv"
@@ -43,6 +45,57 @@ def rootfs_dir(cache: Path | None = None) -> Path:
 
 def _spec() -> str:
     return hashlib.sha256(json.dumps([SUITE, PYTHON_VERSION, WHEELS, VENV]).encode()).hexdigest()[:16]
+
+
+def _one_line_sources(text: str) -> list[tuple[list[str], list[str], list[str]]]:
+    """(types, URIs, suites) of each entry of a sources.list file: `deb [options] URI SUITE COMPONENTS...`."""
+    entries = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(deb|deb-src)\s+(?:\[[^\]]*\]\s*)?(\S+)\s+(\S+)", line.split("#", 1)[0])
+        if m:
+            entries.append(([m[1]], [m[2]], [m[3]]))
+    return entries
+
+
+def _deb822_sources(text: str) -> list[tuple[list[str], list[str], list[str]]]:
+    """(types, URIs, suites) of each enabled stanza of a deb822 .sources file."""
+    entries = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields, name = {}, None
+        for line in stanza.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            if line[0].isspace() and name:  # a continuation line
+                fields[name] += " " + line.strip()
+            elif ":" in line:
+                name, value = line.split(":", 1)
+                name = name.strip().lower()
+                fields[name] = value.strip()
+        if fields.get("enabled", "yes").lower() != "no":
+            entries.append(tuple(fields.get(k, "").split() for k in ("types", "uris", "suites")))
+    return entries
+
+
+def apt_mirror(etc: Path = Path("/etc/apt")) -> str | None:
+    """The Debian archive this machine's apt sources use: the first deb entry for SUITE, else the first whose URI
+    ends in /debian; None if there is none. Read as apt does: sources.list, then sources.list.d/*.list and
+    *.sources in name order."""
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*"))]
+    entries = []
+    for f in files:
+        if f.is_file() and f.suffix in (".list", ".sources"):
+            text = f.read_text(errors="replace")
+            entries += _deb822_sources(text) if f.suffix == ".sources" else _one_line_sources(text)
+    uris = [(uri.rstrip("/"), suites) for types, found, suites in entries if "deb" in types for uri in found
+            if uri.split(":", 1)[0] in ("http", "https", "ftp", "file")]
+    return next((u for u, suites in uris if SUITE in suites), None) or \
+        next((u for u, _ in uris if u.endswith("/debian")), None)
+
+
+def debian_mirror() -> str:
+    """The archive debootstrap fetches from: $HYQ_TVM_DEBIAN_MIRROR, else this machine's (apt_mirror), else
+    deb.debian.org."""
+    return os.environ.get(MIRROR_ENV) or apt_mirror() or DEFAULT_MIRROR
 
 
 def rootfs_ready(cache: Path | None = None) -> bool:
@@ -173,9 +226,10 @@ def build_rootfs(cache: Path | None = None, force: bool = False, progress=None) 
         shutil.rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    progress(f"debootstrap {SUITE} arm64 minbase (python3, python3-venv) from {MIRROR} (2-4 min; log {log})")
+    mirror = debian_mirror()
+    progress(f"debootstrap {SUITE} arm64 minbase (python3, python3-venv) from {mirror} (2-4 min; log {log})")
     _run(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv",
-          SUITE, partial, MIRROR], log, "debootstrap")
+          SUITE, partial, mirror], log, "debootstrap")
     progress("pip download of the aarch64 wheels: " + " ".join(WHEELS))
     wheels = download_wheels(cache, log)
     progress(f"python3 -m venv {VENV} inside the rootfs, pip install from the downloaded wheels (about 1 min)")
