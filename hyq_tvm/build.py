@@ -20,7 +20,7 @@ from .quant.plan import QuantPlan
 from .relax.census import constant_bytes, op_census
 from .relax.pipeline import Lowered, build, lower
 from .relax.tuning import check_database, database_dir, has_database
-from .targets import load_target
+from .targets import TargetSpec, load_target
 
 EMITS = ("tvm", "onnx")
 AUTO = "auto"   # schedules=AUTO: the tuning database of the plan and target in schedules/, when there is one
@@ -37,7 +37,11 @@ class _Stages:
     def __call__(self, name: str) -> Iterator[None]:
         self.bar.set_description(name)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except BaseException:
+            self.bar.leave = False  # closing erases the bar: the error message stands alone
+            raise
         self.seconds[name] = round(time.perf_counter() - start, 2)
         self.bar.update()
 
@@ -67,6 +71,17 @@ def _schedules(plan: QuantPlan, target: str, schedules: str | Path | None) -> Pa
     return folder if has_database(folder) else None
 
 
+def check_target(target: str, schedules: str | Path | None = AUTO) -> TargetSpec:
+    """The spec of `target` once what compile_plan needs besides the plan is found: the target's cross compiler
+    and the tuning database folder `schedules` when one is named (not AUTO or None). Cheap: commands call it
+    before a slow step such as calibration."""
+    spec = load_target(target)
+    spec.fcompile()
+    if schedules not in (AUTO, None):
+        check_database(schedules)
+    return spec
+
+
 def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str | Path | None = None,
                  progress: bool = False, emit: tuple[str, ...] = ("tvm",), schedules: str | Path | None = AUTO) -> Path:
     """Write the artifact folder `out_dir` with what `emit` asks for: "tvm", the integer graph built for
@@ -76,8 +91,8 @@ def compile_plan(plan: QuantPlan, target: str, out_dir: str | Path, weights: str
     unknown = sorted(set(emit) - set(EMITS))
     if unknown or not emit:
         raise HyqError(f"cannot emit {', '.join(unknown) or 'nothing'}: choose from {', '.join(EMITS)}")
-    spec = load_target(target)
-    fcompile = spec.fcompile()  # the cross compiler, checked before the long stages
+    spec = check_target(target, schedules if "tvm" in emit else None)
+    fcompile = spec.fcompile()
     database = _schedules(plan, target, schedules) if "tvm" in emit else None
     metadata: dict[str, Any] = {"model": plan.model["name"], "emit": list(emit),
                                 "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},

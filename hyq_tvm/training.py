@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, zoo
-from .errors import HyqError
+from .errors import HyqError, check_positive
 from .fileio import atomic_path, write_json
 from .metrics import top1
 
@@ -51,17 +51,18 @@ def train(args: "TrainConfig") -> dict:
     """Train, evaluate on the test split and write the checkpoint; returns its summary."""
     zoo.model_spec(args.model)
     zoo.check_img_size(args.img_size)
+    for flag in ("epochs", "batch_size", "train_images", "test_images", "save_every"):
+        check_positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     is_fmnist = args.data is None or data._find_idx(Path(args.data), "t10k-images-idx3-ubyte") is not None
     mean, std = (data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD) if is_fmnist else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_set = data.open_dataset(args.data, "train", args.img_size, mean, std)
-    num_classes = len(getattr(train_set, "classes", None) or torch.unique(train_set.labels))
+    num_classes = len(getattr(train_set, "classes", None) or torch.unique(train_set.targets))
     dataset_name = getattr(train_set, "name", str(args.data))
-    if args.train_images is not None:
-        train_set = torch.utils.data.Subset(train_set, range(min(args.train_images, len(train_set))))
-    test_set = data.open_dataset(args.data, "test", args.img_size, mean, std)
+    train_set = data.subset(train_set, args.train_images, args.seed)
+    test_set = data.subset(data.open_dataset(args.data, "test", args.img_size, mean, std), args.test_images)
     model = zoo.build_model(args.model, num_classes, args.img_size)
 
     steps_per_epoch = -(-len(train_set) // args.batch_size)
@@ -104,8 +105,7 @@ def train(args: "TrainConfig") -> dict:
                 snapshot()
     bar.close()
 
-    test_batches = data.loader(test_set, 256, limit=args.test_images)
-    accuracy = top1(model, test_batches, desc="test")
+    accuracy = top1(model, data.loader(test_set, 256), desc="test")
     output = args.output or zoo.proxy_checkpoint(args.model)
     metadata = {"hyq_tvm.model": args.model, "hyq_tvm.num_classes": str(num_classes),
                 "hyq_tvm.img_size": str(args.img_size), "hyq_tvm.mean": json.dumps(list(mean)),
@@ -116,7 +116,7 @@ def train(args: "TrainConfig") -> dict:
         save_file(tensors, str(tmp), metadata=metadata)
     summary = {"model": args.model, "dataset": metadata["hyq_tvm.dataset"], "img_size": args.img_size,
                "epochs": args.epochs, "top1": round(accuracy, 2), "train_seconds": round(seconds, 1),
-               "test_images": len(test_batches.dataset), "checkpoint": str(output)}
+               "train_images": len(train_set), "test_images": len(test_set), "checkpoint": str(output)}
     if args.output is None:
         proxies = json.loads(PROXY_SUMMARY.read_text()) if PROXY_SUMMARY.is_file() else {}
         proxies[args.model] = {k: v for k, v in summary.items() if k != "checkpoint"}

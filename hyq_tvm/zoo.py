@@ -102,7 +102,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Tensors and metadata of a safetensors or .pth checkpoint (loaded with weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise HyqError(f"checkpoint {path} does not exist")
+        raise HyqError(f"checkpoint {path} {'is not a regular file' if path.exists() else 'does not exist'}")
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open

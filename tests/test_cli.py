@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -8,9 +9,9 @@ from safetensors.torch import save_file
 from hyq_tvm import zoo
 
 
-def run(module, *args, cwd=None):
+def run(module, *args, cwd=None, env=None):
     proc = subprocess.run([sys.executable, "-m", f"hyq_tvm.{module}", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -53,6 +54,39 @@ def test_missing_dataset(tmp_path, random_checkpoint):
 def test_checkpoint_of_another_model(tmp_path, random_checkpoint):
     rc, _, err = run("calibrate", "--model", "mobilevitv2_050", "--weights", random_checkpoint, "-o", tmp_path / "p.json")
     assert_one_line_error(rc, err, "trained for mobilevit_xxs, not mobilevitv2_050")
+
+
+PORT = "is not HOST:PORT with a port from 1 to 65535"
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("calibrate", "--images", 0), "--images must be at least 1, got 0"),
+    (("calibrate", "--images", -3), "--images must be at least 1, got -3"),
+    (("calibrate", "--method", "minmax", "--images", 10 ** 8), r"minmax calibration on 100000000 images of 64x64"
+                                                                r" needs about [\d.]+ GiB \([\d.]+ MiB per image\),"
+                                                                r" more than the [\d.]+ GiB of memory available"),
+    (("evaluate", "--limit", 0), "--limit must be at least 1, got 0"),
+    (("evaluate", "--plan", "/dev/null"), "plan /dev/null is not a regular file"),
+    (("train", "--epochs", 0), "--epochs must be at least 1, got 0"),
+    (("bench", "--tracker", "127.0.0.1:99999", "--key", "rasp4b", "--artifact", "nowhere"), f"'127.0.0.1:99999' {PORT}"),
+    (("tune", "--target", "host", "--tracker", "localhost:0", "--key", "rasp4b"), f"'localhost:0' {PORT}"),
+    (("device", "start", "rasp4b", "--tracker", "localhost:65536"), f"'localhost:65536' {PORT}"),
+])
+def test_bad_counts_paths_and_ports_are_one_line_errors(tmp_path, args, pattern):
+    module, *rest = args
+    rc, _, err = run(module, *rest, *(("-o", tmp_path / "p.json") if module == "calibrate" else ()))
+    assert_one_line_error(rc, err, pattern)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_compile_checks_the_target_and_schedules_before_calibrating(tmp_path):
+    """Without --plan, compile calibrates first; a missing cross compiler or tuning database is found before
+    (a calibration would have put its progress bar on stderr)."""
+    rc, _, err = run("compile", "--target", "rasp4b", "-o", tmp_path / "out", env={**os.environ, "PATH": str(tmp_path)})
+    assert_one_line_error(rc, err, "cross compiler aarch64-linux-gnu-g\\+\\+ for target rasp4b not found")
+    rc, _, err = run("compile", "--schedules", tmp_path / "none", "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "no tuning database in .*none")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_plan(tmp_path):

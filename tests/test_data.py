@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,8 @@ def test_calibration_set_is_deterministic(tiny_fmnist):
     assert not torch.equal(a, data.calibration_set(ds, 8, seed=4))
     with pytest.raises(HyqError, match="asked for 41 calibration images"):
         data.calibration_set(ds, 41)
+    with pytest.raises(HyqError, match="the number of calibration images must be at least 1, got 0"):
+        data.calibration_set(ds, 0)
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
@@ -69,3 +72,53 @@ def test_image_folder_with_timm_preprocessing(tmp_path):
     ds = data.open_dataset(tmp_path, "test", 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     image, label = ds[1]
     assert image.shape == (3, 32, 32) and label == 1
+
+
+def _tree(root, splits, classes=("cat", "dog", "fox")):
+    from PIL import Image
+    for split in splits:
+        for i, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / split / cls / f"{split}.png")
+
+
+@pytest.mark.parametrize("splits,test_folder", [(("train", "test"), "test"), (("train", "val"), "val"),
+                                                (("train", "val", "test"), "val")])
+def test_image_folder_takes_val_or_test_as_the_test_split(tmp_path, splits, test_folder):
+    _tree(tmp_path, splits)
+    for split, folder in (("train", "train"), ("test", test_folder)):
+        ds = data.open_dataset(tmp_path, split, 32, (0.5,) * 3, (0.5,) * 3)
+        assert ds.classes == ["cat", "dog", "fox"] and len(ds) == 3
+        assert {Path(p).parent.parent.name for p, _ in ds.samples} == {folder}
+
+
+def test_image_folder_whose_classes_look_like_splits_is_refused(tmp_path):
+    _tree(tmp_path, ("train",))
+    with pytest.raises(HyqError, match=r"has no val/ or test/ folder and its classes look like splits \(train\)"):
+        data.open_dataset(tmp_path, "test", 32, (0.5,) * 3, (0.5,) * 3)
+    _tree(tmp_path / "val", ("train", "test"))
+    with pytest.raises(HyqError, match=r"val: classes look like splits \(test, train\)"):
+        data.open_dataset(tmp_path, "test", 32, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_balanced_indices_spread_a_subset_over_the_classes():
+    labels = np.repeat(np.arange(10), 100)  # sorted by class, like an ImageFolder tree
+    chosen = data.balanced_indices(labels, 25, seed=0)
+    assert len(chosen) == 25 and len(set(chosen)) == 25 and list(chosen) == sorted(chosen)
+    assert sorted(np.bincount(labels[chosen], minlength=10)) == [2] * 5 + [3] * 5
+    assert np.array_equal(chosen, data.balanced_indices(labels, 25, seed=0))
+    assert not np.array_equal(chosen, data.balanced_indices(labels, 25, seed=1))
+    assert np.bincount(labels[data.balanced_indices(labels, 200)]).tolist() == [20] * 10
+    rare = np.array([0] * 2 + [1] * 100)  # a class with fewer items than its share gives all it has
+    assert np.bincount(rare[data.balanced_indices(rare, 10)]).tolist() == [2, 8]
+
+
+def test_test_loader_limit_is_a_balanced_subset(tiny_fmnist):
+    ds = data.open_dataset(tiny_fmnist, "test", 32, data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD)
+    ds.targets = torch.arange(10) // 5  # two classes, sorted
+    sub = data.subset(ds, 4)
+    assert len(sub) == 4 and sorted(int(ds.targets[i]) for i in sub.indices) == [0, 0, 1, 1]
+    assert data.subset(ds, 10) is ds and data.subset(ds, None) is ds
+    assert len(data.test_loader(tiny_fmnist, 32, data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD, 3).dataset) == 3
+    with pytest.raises(HyqError, match="must be at least 1, got 0"):
+        data.subset(ds, 0)

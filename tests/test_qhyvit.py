@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from hyq_tvm import data
+from hyq_tvm.errors import HyqError
+from hyq_tvm.quant import calibrate as calibration
 from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.metrics import top1
 from hyq_tvm.quant.qhyvit import _grid_search
@@ -18,6 +20,21 @@ def test_grid_search_finds_each_channels_minimum():
     index, error = _grid_search(size, error_at, channels=4)
     assert index.tolist() == targets.tolist() and error.tolist() == [0, 0, 0, 0]
     assert len(calls) == 21  # coarse every 10th point, then the 11 within 5 of each channel's best
+
+
+def test_calibration_that_would_not_fit_in_memory_is_refused_before_loading_images(monkeypatch, proxy):
+    from hyq_tvm.quant.prepare import prepared_model
+
+    model, info = prepared_model(proxy, None)
+    minmax, qhyvit = (calibration.calibration_bytes(model, info.img_size, m) for m in ("minmax", "qhyvit"))
+    assert 3 * 64 * 64 * 4 < minmax < qhyvit
+    monkeypatch.setattr(calibration, "available_bytes", lambda: 32 * qhyvit - 1)
+    monkeypatch.setattr(calibration.data, "open_dataset", lambda *_: pytest.fail("images were loaded"))
+    with pytest.raises(HyqError, match=r"^qhyvit calibration on 32 images of 64x64 needs about [\d.]+ GiB \([\d.]+ MiB"
+                                       r" per image\), more than the [\d.]+ GiB of memory available: use fewer images"):
+        calibrate(proxy, images=32)
+    with pytest.raises(HyqError, match="--images must be at least 1, got -3"):
+        calibrate(proxy, images=-3)
 
 
 @pytest.mark.slow

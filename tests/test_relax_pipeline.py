@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -85,6 +90,60 @@ def test_lowering_runs_the_named_passes_and_leaves_no_float_conv2d_or_matmul(pla
     assert heavy and all(k.endswith("(int8,int8)->int32") for k in heavy), heavy
     assert sum(heavy.values()) == sum(1 for e in plan.layers.values() if e.op in ("conv2d", "linear", "matmul"))
     assert not any(k.startswith("relax.call_pure_packed") for k in census)
+
+
+def _overflowing(plan: QuantPlan) -> tuple[QuantPlan, str]:
+    """(the plan with the output scale of its first requantized conv2d / linear made finer, so that its largest
+    multiplier is 2^16: its bias still fits the rounding term, but its requantization overflows int64; the
+    layer's name)."""
+    layer = next(lay for lay in lower(plan).layers if lay.out_scale is not None and lay.weight is not None)
+    out = tuple(float(s) for s in np.atleast_1d(layer.out_scale))
+    factor = 2.0 ** 16 / float(np.max(layer.acc_scale / layer.out_scale))
+    crafted = copy.deepcopy(plan)
+    for name, entry in crafted.layers.items():
+        inputs = tuple(dataclasses.replace(q, scale=tuple(s / factor for s in q.scale)) if q.scale == out else q
+                       for q in entry.inputs)
+        crafted.layers[name] = dataclasses.replace(entry, inputs=inputs)
+    assert crafted.layers != plan.layers
+    return crafted, layer.name
+
+
+def test_a_plan_whose_requantization_could_overflow_int64_is_refused_naming_its_layer(plan):
+    crafted, name = _overflowing(plan)
+    with pytest.raises(HyqError, match=rf"^layer '{re.escape(name)}' \(relax\.[\w.]+ '\w+' in @main\): the"
+                                       r" requantization overflows int64 in \d+ of \d+ channel\(s\)"):
+        lower(crafted)
+
+
+def _on_terminal(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run `cmd` with a terminal for its output: (exit status, the non-blank lines the terminal shows, each as
+    the text after its last carriage return)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # EIO: the command has closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    lines = [line.rstrip("\r").split("\r")[-1].rstrip() for line in out.decode().split("\n")]
+    return proc.wait(timeout=600), [line for line in lines if line]
+
+
+def test_compile_error_stands_alone_on_the_terminal(plan, tmp_path):
+    """The error of a stage under the progress bar: the bar is erased, the one-line error is all that shows."""
+    crafted, name = _overflowing(plan)
+    crafted.save(tmp_path / "plan.json")
+    rc, lines = _on_terminal([sys.executable, "-m", "hyq_tvm.compile", "--plan", str(tmp_path / "plan.json"),
+                              "-o", str(tmp_path / "out")])
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: layer '{name}' (") and "overflows int64" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 class _Tiny(nn.Module):

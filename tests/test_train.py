@@ -11,7 +11,7 @@ def test_training_resumes_and_writes_a_loadable_checkpoint(tmp_path, capsys):
             "--test-images", "64", "--save-every", "1", "--work-dir", str(tmp_path / "run"),
             "-o", str(tmp_path / "proxy.safetensors")]
     first = training.train(training.TrainConfig(**vars(parse_args(args))))
-    assert first["test_images"] == 64 and 0 <= first["top1"] <= 100
+    assert first["train_images"] == first["test_images"] == 64 and 0 <= first["top1"] <= 100
     state = tmp_path / "run" / "state.pt"
     assert state.is_file()
     second = training.train(training.TrainConfig(**vars(parse_args(args))))  # every step is done: nothing is trained twice

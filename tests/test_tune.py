@@ -50,7 +50,8 @@ def _reference(x: np.ndarray, w: np.ndarray, params: list[np.ndarray]) -> np.nda
 @pytest.fixture(scope="module")
 def case():
     w = RNG.integers(-128, 128, (C, 1, 3, 3), dtype=np.int8)
-    params = requant_params(RNG.uniform(0.01, 0.03, C), np.full(C, 0.5), RNG.integers(-3, 3, C), None)
+    params = requant_params(RNG.uniform(0.01, 0.03, C), np.full(C, 0.5), RNG.integers(-3, 3, C), None,
+                            np.int64(2 ** 20), "conv2d")
     return _module(w, params), w, params
 
 

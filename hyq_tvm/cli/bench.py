@@ -26,6 +26,9 @@ from pathlib import Path
 
 from ..devices.bench import DEFAULT_LIMIT, DEFAULT_TIMEOUT, bench
 from ..devices.versus import check_icount_key, compare_ort
+from ..errors import check_positive
+from .options import check_tracker
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hyq_tvm.bench", description=__doc__.split("\n\n")[0],
@@ -48,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_tracker(args.tracker)
+    check_positive(args.repeat, "--repeat")
     if args.compare_ort:
         check_icount_key(args.tracker, args.key, args.devices_state)
     row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data, args.reports,

@@ -22,7 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_weights(p)
     add_img_size(p)
     add_data(p)
-    p.add_argument("--images", type=int, default=data.CALIBRATION_IMAGES, help="calibration images")
+    p.add_argument("--images", type=int, default=data.CALIBRATION_IMAGES,
+                   help=f"calibration images, drawn at random (--seed) from the training split; refused when they"
+                        f" would not fit in memory (default {data.CALIBRATION_IMAGES})")
     p.add_argument("--seed", type=int, default=0, help="calibration sampler seed")
     p.add_argument("--granularity", default="search", choices=("search",) + GRANULARITIES,
                    help="Q-HyViT activation granularity: searched, or fixed (ablation)")
@@ -46,5 +48,5 @@ def main(argv=None) -> None:
                         GRANULARITIES if args.granularity == "search" else (args.granularity,),
                         SCHEMES if args.scheme == "search" else (args.scheme,), args.mode, img_size=args.img_size)
     plan.save(args.output)
-    print(f"{args.model} {args.method} W{wbits}A{abits}: {len(plan.layers)} layers calibrated in"
-          f" {plan.calibration['seconds']:.1f} s -> {args.output}")
+    print(f"{args.model} {args.method} W{wbits}A{abits}: {len(plan.layers)} layers calibrated on"
+          f" {plan.calibration['images']} images in {plan.calibration['seconds']:.1f} s -> {args.output}")

@@ -5,8 +5,7 @@ import argparse
 from pathlib import Path
 
 from .. import zoo
-from ..build import AUTO, EMITS, compile_plan
-from ..targets import load_target
+from ..build import AUTO, EMITS, check_target, compile_plan
 from .options import add_img_size, add_model, add_plan, add_weights, plan_from_args
 
 
@@ -32,10 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    load_target(args.target)
+    schedules = None if args.no_schedules else args.schedules or AUTO
+    check_target(args.target, schedules if "tvm" in args.emit else None)
     plan = plan_from_args(args)
     out = args.output or Path("artifacts") / f"{plan.model['name']}-{args.target}"
-    schedules = None if args.no_schedules else args.schedules or AUTO
     compile_plan(plan, args.target, out, args.weights, progress=True, emit=tuple(dict.fromkeys(args.emit)),
                  schedules=schedules)
     print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}")

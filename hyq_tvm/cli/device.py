@@ -1,7 +1,7 @@
 """Emulated ARM boards for TVM RPC (python -m hyq_tvm.device).
 
-  start BOARD [--count N] [--tracker HOST:PORT] [--host H] [--icount]   build the arm64 rootfs once,
-        start N RPC servers under qemu-user (-cpu of the board) registered with a tracker
+  start BOARD [--count N] [--tracker HOST:PORT] [--host H --expose] [--icount]   build the arm64 rootfs
+        once, start N RPC servers under qemu-user (-cpu of the board) registered with a tracker
   status                                   the tracker and the boards (state file + the tracker's view)
   stop [BOARD|NAME|all]                    kill boards by process group (and our tracker when none is left)
   build                                    only build the rootfs
@@ -9,6 +9,8 @@
   icount PROGRAM [ARGS...] [--board B]     executed instructions of an aarch64 program (deterministic)
 
 Emulated, not real hardware: wall-clock times from these boards say nothing about a real device.
+TVM RPC has no authentication: a server runs any library a client sends. The tracker and the servers run
+as an unprivileged user in the rootfs and listen on 127.0.0.1; another --host needs --expose.
 Cache: $HYQ_TVM_CACHE, default ~/.cache/hyq-tvm.
 """
 from __future__ import annotations
@@ -28,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("board")
     s.add_argument("--count", type=int, default=1, help="boards to start under the key (default 1)")
     s.add_argument("--tracker", default=None, help="HOST:PORT of a running tracker (default: start one)")
-    s.add_argument("--host", default="127.0.0.1", help="address the servers and our tracker bind to")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address the servers and our tracker listen on (default 127.0.0.1; others need --expose)")
+    s.add_argument("--expose", action="store_true",
+                   help="allow a --host that is not loopback: whoever reaches it can run any code on the boards")
     s.add_argument("--key", default=None, help="tracker key (default: the board name)")
     s.add_argument("--icount", action="store_true",
                    help="count instructions of every RPC session process (QEMU plugin; slower)")
@@ -76,9 +81,12 @@ def main(argv=None) -> None:
     elif args.cmd == "build":
         print(devices.build_rootfs())
     elif args.cmd == "start":
+        from .options import check_tracker
+
+        check_tracker(args.tracker)
         devices.get_board(args.board)
         state = fleet.start(args.board, count=args.count, tracker=args.tracker, host=args.host, key=args.key,
-                            icount=args.icount)
+                            icount=args.icount, expose=args.expose)
         t = state["tracker"]
         print(f"tracker {t['host']}:{t['port']}; boards: "
               + ", ".join(f"{b['name']} ({b['host']}:{b['port']}, key {b['key']})" for b in state["boards"]))

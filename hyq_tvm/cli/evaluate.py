@@ -16,7 +16,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_plan(p)
     add_weights(p)
     add_data(p)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N test images only, drawn at random (seeded) and balanced over the classes")
     return p.parse_args(argv)
 
 

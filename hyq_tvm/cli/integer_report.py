@@ -3,9 +3,9 @@
 
 For each proxy model with an embedded checkpoint, at each bit-width with a Q-HyViT (or --method) plan
 cached in --work-dir/plans, the integer graph is built for the host and run with the PyTorch fake-quant model
-and the plan's QDQ ONNX model in onnxruntime over the first --limit test images (top-1 of each and their
-top-1 agreement with the fake-quant model), and every integer layer is checked bit for bit on the first
---check images (hyq_tvm.relax.verify). Writes
+and the plan's QDQ ONNX model in onnxruntime over --limit test images (a seeded class-balanced subset; top-1 of
+each and their top-1 agreement with the fake-quant model), and every integer layer is checked bit for bit on
+--check such images (hyq_tvm.relax.verify). Writes
 reports/integer_graph.{json,md}; finished rows are kept in --work-dir/rows.json, so an interrupted
 run continues where it stopped.
 """
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from tvm import relax
 
 from .. import data, zoo
+from ..errors import check_positive
 from ..fileio import atomic_path, sha256_file, write_json
 from ..onnx_qdq import export_onnx, onnx_session
 from ..quant.calibrate import METHODS, calibrate
@@ -147,13 +148,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="qhyvit", choices=METHODS, help="calibration of the plans")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="quantization modes (default: partial full)")
-    p.add_argument("--limit", type=int, default=2000, help="test images for top-1 and agreement")
+    p.add_argument("--limit", type=int, default=2000, help="test images for top-1 and agreement (a seeded class-balanced subset)")
     p.add_argument("--check", type=int, default=4, help="test images for the layer-by-layer bit-exact check")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_positive(args.limit, "--limit")
+    check_positive(args.check, "--check")
     cache = start_report(args)
     skipped = [m for m in args.models if not zoo.proxy_checkpoint(m).is_file()]
     rows = []
@@ -161,7 +164,7 @@ def main(argv=None) -> None:
         sha = sha256_file(zoo.proxy_checkpoint(model))
         for mode in args.modes:
             for bits in args.bits:
-                key = f"{model}/{sha[:16]}/{args.method}/W{bits}A{bits}/{args.limit}/{args.check}{_suffix(mode)}"
+                key = f"{model}/{sha[:16]}/{args.method}/W{bits}A{bits}/balanced{args.limit}/{args.check}{_suffix(mode)}"
                 rows.append(cache.get(key, lambda: report_row(model, sha, args.method, bits, mode, args.limit,
                                                               args.check, args.work_dir)))
     write_json(args.reports / "integer_graph.json", rows)

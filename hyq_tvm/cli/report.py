@@ -14,6 +14,7 @@ import torch
 
 from .. import data, zoo
 from ..accuracy import evaluate
+from ..errors import check_positive
 from ..fileio import RowCache, atomic_path, write_json
 from ..metrics import top1
 from ..quant.calibrate import calibrate
@@ -37,16 +38,21 @@ def _quant_row(model: str, method: str, wbits: int, abits: int, limit, granulari
             "calib_seconds": plan.calibration["seconds"], "test_images": len(test.dataset)}
 
 
+def _images(limit) -> str:
+    """The --limit part of a row's key (balanced: not the first N images that earlier versions took)."""
+    return "None" if limit is None else f"balanced{limit}"
+
+
 def accuracy_rows(models, bits, cache: RowCache, limit) -> list[dict]:
     rows = []
     for model in models:
         sha = zoo.load_model(model)[1].weights_sha256[:16]
-        fp = cache.get(f"{model}/{sha}/fp32/{limit}", lambda: evaluate(model, limit=limit))
+        fp = cache.get(f"{model}/{sha}/fp32/{_images(limit)}", lambda: evaluate(model, limit=limit))
         rows.append({"model": model, "method": "fp32", "wbits": 32, "abits": 32, "top1": fp["top1_fp32"],
                      "calib_seconds": 0.0, "test_images": fp["images"]})
         for b in bits:
             for method in METHODS:
-                rows.append(cache.get(f"{model}/{sha}/{method}/W{b}A{b}/{limit}",
+                rows.append(cache.get(f"{model}/{sha}/{method}/W{b}A{b}/{_images(limit)}",
                                       lambda: _quant_row(model, method, b, b, limit)))
     return rows
 
@@ -55,7 +61,7 @@ def ablation_rows(model: str, bits: int, cache: RowCache, limit) -> list[dict]:
     sha = zoo.load_model(model)[1].weights_sha256[:16]
     rows = []
     for label, (granularities, schemes) in ABLATION.items():
-        row = cache.get(f"{model}/{sha}/ablation/{label}/W{bits}A{bits}/{limit}",
+        row = cache.get(f"{model}/{sha}/ablation/{label}/W{bits}A{bits}/{_images(limit)}",
                         lambda: _quant_row(model, "qhyvit", bits, bits, limit, granularities, schemes))
         rows.append({**row, "search": label})
     return rows
@@ -112,12 +118,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_report_args(p, "runs/report")
     add_bits(p, many=True, default=BITS)
     p.add_argument("--ablation-bits", type=int, default=4, help="bit-width of the ablation (0: skip it)")
-    p.add_argument("--limit", type=int, default=None, help="test images per evaluation (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="test images per evaluation, a seeded class-balanced subset (default: all)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_positive(args.limit, "--limit")
     cache = start_report(args)
     rows = accuracy_rows(args.models, args.bits, cache, args.limit)
     ablation = ablation_rows(args.models[0], args.ablation_bits, cache, args.limit) if args.ablation_bits else []

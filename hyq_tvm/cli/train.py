@@ -20,8 +20,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--train-images", type=int, default=None, help="train on the first N training images only")
-    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="train on N training images only, drawn by --seed and balanced over the classes")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="evaluate on N test images only, drawn at random and balanced over the classes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--save-every", type=int, default=200, help="steps between resumable snapshots")
@@ -32,5 +34,5 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     summary = train(TrainConfig(**vars(parse_args(argv))))
-    print(f"{summary['model']}: top-1 {summary['top1']:.2f}% on {summary['test_images']} test images"
-          f" -> {summary['checkpoint']}")
+    print(f"{summary['model']}: trained on {summary['train_images']} images, top-1 {summary['top1']:.2f}% on"
+          f" {summary['test_images']} test images -> {summary['checkpoint']}")

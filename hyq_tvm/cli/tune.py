@@ -17,11 +17,11 @@ from pathlib import Path
 
 from .. import zoo
 from ..devices.fleet import parse_addr, tracker_summary
-from ..errors import HyqError
+from ..errors import HyqError, check_positive
 from ..relax.pipeline import lower
 from ..relax.tuning import database_dir, tune
 from ..targets import load_target
-from .options import add_img_size, add_model, add_plan, add_weights, plan_from_args
+from .options import add_img_size, add_model, add_plan, add_weights, check_tracker, plan_from_args
 
 DEFAULT_TRIALS = 64
 
@@ -65,6 +65,8 @@ def _board(args: argparse.Namespace, spec) -> tuple[tuple[str, int] | None, str 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_tracker(args.tracker)
+    check_positive(args.trials, "--trials")
     spec = load_target(args.target)
     tracker, key = _board(args, spec)
     fcompile = spec.fcompile()   # None: this machine links

@@ -119,8 +119,11 @@ class QuantPlan:
     def load(cls, path: str | Path) -> "QuantPlan":
         """Read and validate a plan file."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise HyqError(f"plan {path} does not exist; make one with `python -m hyq_tvm.calibrate`")
+        if not path.is_file():
+            raise HyqError(f"plan {path} is not a regular file; a plan is the JSON file `python -m hyq_tvm.calibrate`"
+                           f" writes")
         try:
             obj = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

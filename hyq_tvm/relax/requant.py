@@ -14,9 +14,12 @@ first: with activation scales folded into the weights that grid is the weight sc
 and rounding the bias to it alone moves about one output in a hundred by a whole step away from
 the fake-quant model's round((x + b) * M).
 
-Exact while |x| * 2^L and |b| * 2^L stay below 2^31, so that no int64 term overflows.
+Every int64 term is at most |x| * 2^L * q + |c| in magnitude: `check_range` refuses, at compile time, a
+layer whose largest accumulator could take it past 2^63 - 1.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,6 +28,7 @@ from ..errors import HyqError
 Q = 31            # fractional bits of the multiplier
 MIN_SHIFT = -31   # total right shift max(-s, 0) + 31 must stay <= 62 for the int64 rounding term
 MAX_SHIFT = 31    # left shifts beyond 31 overflow int64 for any int32 accumulator
+INT64_MAX = (1 << 63) - 1
 
 
 def fixed_point_multiplier(multiplier) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +70,22 @@ def rounding_term(q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:
         raise HyqError(f"a bias of {np.abs(bias).max():g} accumulator steps does not fit the requantization")
     scaled = np.floor(bias * np.asarray(q, dtype=np.float64) * np.ldexp(1.0, left) + 0.5).astype(np.int64)
     return (np.int64(1) << (right - 1)) + scaled
+
+
+def check_range(acc_bound, q, shift, c) -> None:
+    """A HyqError unless every int64 term of the requantization stays below 2^63 for accumulators |x| <= acc_bound:
+    ((x << L) * q + c) is at most acc_bound * 2^L * q + |c| in magnitude, and so are x << L and (x << L) * q.
+    acc_bound (int64), q, shift and the rounding term c are () or per channel."""
+    bound, q, shift, c = (np.ravel(a) for a in np.broadcast_arrays(*(np.asarray(v, np.int64)
+                                                                      for v in (acc_bound, q, shift, c))))
+    worst = [(int(b) << max(int(s), 0)) * int(m) + abs(int(r)) for b, m, s, r in zip(bound, q, shift, c)]
+    over = [i for i, w in enumerate(worst) if w > INT64_MAX]
+    if over:
+        i = max(over, key=worst.__getitem__)
+        raise HyqError(f"the requantization overflows int64 in {len(over)} of {len(worst)} channel(s); in"
+                       f" channel {i} accumulators up to {bound[i]} times the multiplier"
+                       f" {int(q[i]) * 2.0 ** (int(shift[i]) - Q):.4g} reach 2^{math.log2(worst[i]):.1f}: the output"
+                       f" scale is too fine for the accumulator scale")
 
 
 def multiply_shift(acc: np.ndarray, q: np.ndarray, shift: np.ndarray, bias=0.0) -> np.ndarray:

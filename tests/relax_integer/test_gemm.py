@@ -46,7 +46,8 @@ def test_quantized_conv2d_with_bias_and_relu_becomes_conv_offset_requantize_clam
         return relax.op.quantize(bb.emit(relax.op.nn.relu(y)), const(0.25, "float32"), const(-4, "int8"), axis=1)
 
     acc_scale = 0.5 * s_w.astype(np.float64)
-    params = requant_params(acc_scale, np.float64(0.25), np.int64(-4), bias.astype(np.float64) / acc_scale)
+    params = requant_params(acc_scale, np.float64(0.25), np.int64(-4), bias.astype(np.float64) / acc_scale,
+                            np.int64(2 ** 12), "conv2d")
     offset = -3 * w.astype(np.int64).sum(axis=(1, 2, 3)).reshape(1, 3, 1, 1)  # -sum(w * z_a) per output channel
     out_ty = relax.TensorType((1, 3, 4, 3), "int8")
 
@@ -246,6 +247,34 @@ def test_unsupported_quantization_names_the_op():
 
     with pytest.raises(HyqError, match=r"relax.nn.conv2d '\w+' in @main still computes in float32"):
         integerize(module({"x": (x_shape, "int8")}, float_conv))
+
+
+def test_a_requantization_that_could_overflow_int64_is_refused():
+    """An output scale 2^20 times finer than the accumulator's: 16 int8 products of up to 128 * 127 reach 2^18,
+    times 2^20 (q = 2^30 << 21) that is 2^69."""
+    k, n = 16, 4
+    w_q = np.full((n, k), 127, np.int8)
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.matmul(bb.emit(dq(xv, 1.0, 0)), bb.emit(relax.op.permute_dims(
+            bb.emit(dq(const(w_q, "int8"), np.float32(1.0), np.int8(0)))))))
+        return relax.op.quantize(y, const(2.0 ** -20, "float32"), const(0, "int8"))
+
+    with pytest.raises(HyqError, match=r"relax.matmul '\w+' in @main: the requantization overflows int64 in 4 of 4"
+                                       r" channel\(s\); in channel 0 accumulators up to 260096 times the multiplier"
+                                       r" 1.049e\+06 reach 2\^69.0"):
+        integerize(module({"x": ((2, k), "int8")}, body))
+
+
+def test_an_int32_accumulator_that_could_overflow_is_refused():
+    """Two int8 activations with 2^17 products of up to 128 * 128 each: the int32 accumulator could reach 2^31."""
+    k = 2 ** 17
+
+    def body(bb, a, b):
+        return relax.op.matmul(bb.emit(dq(a, 0.1, 0)), bb.emit(dq(b, 0.1, 0)))
+
+    with pytest.raises(HyqError, match=r"relax.matmul '\w+' in @main: the int32 accumulator can reach 2147483648"):
+        integerize(module({"a": ((1, k), "int8"), "b": ((k, 1), "int8")}, body))
 
 
 def test_two_consumers_with_equal_quantizers_share_one_requantization():

@@ -9,7 +9,9 @@ import pytest
 from hyq_tvm.errors import HyqError
 from hyq_tvm.relax.integer.gemm import requantize_primfunc
 from hyq_tvm.relax.requant import (
+    check_range,
     fixed_point_multiplier,
+    multiply_shift,
     requantize,
     rescale,
     rescale_params,
@@ -99,3 +101,21 @@ def test_rescale_rounds_the_exact_sum_once():
     assert np.abs(got - real).max() <= 0.5 + 1e-6
     with pytest.raises(HyqError, match="differ in scale by more than 2"):
         rescale_params([np.float64(1.0), np.float64(2.0 ** -30)], np.float64(2.0 ** -25))
+
+
+def test_check_range_refuses_exactly_the_accumulators_that_overflow_int64():
+    """M = 2^20: q = 2^30, L = 21, c = 2^30, so |acc| * 2^51 + 2^30 must stay below 2^63: 4095 is the largest
+    accumulator bound that fits. At 4095 the arithmetic is exact; 4096 would wrap, and is refused."""
+    q, shift = fixed_point_multiplier(2.0 ** 20)
+    c = rounding_term(q, shift)
+    assert (int(q), int(shift), int(c)) == (2 ** 30, 21, 2 ** 30)
+    check_range(np.int64(4095), q, shift, c)
+    acc = np.array([-4095, 4095], np.int64)
+    assert multiply_shift(acc, q, shift).tolist() == [-4095 * 2 ** 20, 4095 * 2 ** 20]
+    with np.errstate(over="ignore"):
+        assert multiply_shift(np.int64(4096), q, shift) != 4096 * 2 ** 20  # what the check prevents
+    with pytest.raises(HyqError, match=r"^the requantization overflows int64 in 1 of 2 channel\(s\); in channel 1"
+                                       r" accumulators up to 4096 times the multiplier 1.049e\+06 reach 2\^63.0"):
+        check_range(np.array([4095, 4096]), q, shift, c)
+    with pytest.raises(HyqError, match="overflows int64"):  # the bias in the rounding term counts too
+        check_range(np.int64(4095), q, shift, rounding_term(q, shift, 2.0 ** 9))

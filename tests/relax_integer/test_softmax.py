@@ -26,7 +26,8 @@ def test_quantized_softmax_becomes_one_kernel_call():
         y = bb.emit(relax.op.nn.softmax(bb.emit(dq(x, s_in, 0)), axis=-1))
         return relax.op.quantize(y, const(s_o, "float32"), const(-128, "int8"))
 
-    params = requant_params(np.float64(2.0 ** -PROB_BITS), np.float64(s_o), np.int64(-128), None)
+    params = requant_params(np.float64(2.0 ** -PROB_BITS), np.float64(s_o), np.int64(-128), None,
+                                np.int64(1 << PROB_BITS), "softmax")
 
     def expected(bb, x, kernels):
         args = [x, *consts([softmax_table(float(s_in)), *params])]

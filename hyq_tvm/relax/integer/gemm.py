@@ -169,6 +169,27 @@ def _core(m: dict, where: str) -> _Core:
     return _matmul_weight(a, b, where) if b.values is not None else _matmul_activations(a, b, where)
 
 
+def _span(x: relax.Expr, zero_point) -> int:
+    """The largest |x - z| over the values of x's dtype and its zero points z."""
+    info, z = np.iinfo(dtype_of(x)), np.asarray(zero_point, np.int64)
+    return int(np.max(np.maximum(info.max - z, z - info.min)))
+
+
+def _acc_bound(core: _Core, where: str) -> np.ndarray:
+    """The largest |accumulator| (int64, () or per output channel) over every input its dtype allows, zero-point
+    terms included; a HyqError if the int32 accumulator could overflow, on the way (acc - offset) or at the end."""
+    spans = [_span(x, z) for x, z in zip(core.inputs, core.zero_points)]
+    if core.weight is None:  # two activations: K products of their spans
+        bound = np.int64(shape_of(core.inputs[0], where)[-1]) * spans[0] * spans[1]
+    else:
+        w = np.abs(core.weight.astype(np.int64))
+        bound = (w.reshape(len(w), -1).sum(axis=1) if core.op == "conv2d" else w.sum(axis=0)) * spans[0]
+    offset = 0 if core.offset is None else np.abs(core.offset).reshape(-1)
+    if np.any(bound + offset > INT32.max):
+        raise HyqError(f"{where}: the int32 accumulator can reach {int(np.max(bound + offset))}, beyond int32")
+    return bound
+
+
 def _accumulate(core: _Core, where: str) -> relax.Expr:
     """acc + offset in int32."""
     if core.offset is None:
@@ -220,8 +241,9 @@ def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_d
 
 def rewrite_quantized(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     """quantize([relu | clip(] [add(] core [, bias)] [)]): int32 accumulation, Q31 requantization, int8 clamp."""
-    where = ctx.where(m[_CONV] if _CONV in m else m[_MATMUL])
+    where = ctx.where(m[_CONV] if _CONV in m else m[_MATMUL], m[_A])
     core = _core(m, where)
+    bound = _acc_bound(core, where)
     shape = shape_of(root, where)
     axis = core.axis % len(shape)
     channels = shape[axis]
@@ -232,7 +254,7 @@ def rewrite_quantized(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     out = output(root, where)
     s_o = per_channel(out.scale, out, axis, channels, "the output scale", where)
     z_o = per_channel(out.zero_point, out, axis, channels, "the output zero point", where)
-    params = requant_params(core.scale, s_o, z_o, bias)
+    params = requant_params(core.scale, s_o, z_o, bias, bound, where)
     out_dtype = str(root.attrs.out_dtype)
     key = ("requantize", shape, axis, params[0].size, bool(np.any(params[1])), out_dtype)
     gv = ctx.kernel(key, lambda: requantize_primfunc(*key[1:]))
@@ -248,8 +270,9 @@ def rewrite_quantized(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
 
 def rewrite_dequantized(ctx: Context, op: relax.Call, m: dict) -> relax.Expr:
     """A core whose output stays float: int32 accumulation, then one float multiply."""
-    where = ctx.where(op)
+    where = ctx.where(op, m[_A])
     core = _core(m, where)
+    _acc_bound(core, where)
     dtype = dtype_of(op)
     ndim = len(shape_of(op, where))
     acc = relax.op.astype(_accumulate(core, where), dtype)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..requant import fixed_point_multiplier, requantize, rounding_term, shifts
+from ...errors import HyqError
+from ..requant import check_range, fixed_point_multiplier, requantize, rounding_term, shifts
 from .kernel import placeholder, saturated
 from .operand import along
 
 
-def requant_params(acc_scale, s_o, z_o, bias) -> list[np.ndarray]:
-    """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32), one per channel."""
-    q, shift = fixed_point_multiplier(np.asarray(acc_scale, np.float64) / s_o)
-    c = rounding_term(q, shift, 0.0 if bias is None else bias)
+def requant_params(acc_scale, s_o, z_o, bias, acc_bound, where: str) -> list[np.ndarray]:
+    """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32), one per channel; a HyqError naming
+    `where` if they cannot be formed or an accumulator up to acc_bound (int64, () or per channel) could overflow
+    them (requant.check_range)."""
+    try:
+        q, shift = fixed_point_multiplier(np.asarray(acc_scale, np.float64) / s_o)
+        c = rounding_term(q, shift, 0.0 if bias is None else bias)
+        check_range(acc_bound, q, shift, c)
+    except HyqError as err:
+        raise HyqError(f"{where}: {err}") from None
     left, right = shifts(shift)
     width = np.broadcast(q, shift, z_o, c).size
     return [np.broadcast_to(v, (width,)).astype(dtype) for v, dtype in (

@@ -76,10 +76,18 @@ class Context:
     func_name: str
     func: relax.Function
 
-    def where(self, call: relax.Call) -> str:
-        """'<op> <var> in @<function>' for the binding that computes `call`."""
+    def where(self, call: relax.Call, first_dq: relax.Call | None = None) -> str:
+        """'<op> <var> in @<function>' for the binding that computes `call`, as "layer NAME (...)" when
+        `first_dq` is the marked input of plan layer NAME."""
         var = bound_var(self.func, call)
-        return f"{call.op.name} '{var.name if var is not None else '?'}' in @{self.func_name}"
+        at = f"{call.op.name} '{var.name if var is not None else '?'}' in @{self.func_name}"
+        layer = self.layer(first_dq) if first_dq is not None else None
+        return at if layer is None else f"layer {layer!r} ({at})"
+
+    def layer(self, first_dq: relax.Call) -> str | None:
+        """The plan layer whose marked input `first_dq` is, else None."""
+        act = bound_var(self.func, first_dq)
+        return marked_layer(act.name) if act is not None else None
 
     def kernel(self, key: tuple, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
         return self.lowering.kernel(key, make)
@@ -91,8 +99,7 @@ class Context:
         if self.func_name != "main":
             return
         result = bound_var(self.func, root)
-        act = bound_var(self.func, first_dq)
-        name = marked_layer(act.name) if act is not None else None
+        name = self.layer(first_dq)
         inputs = tuple(inputs)
         if result is None or not all(isinstance(v, relax.Var) for v in inputs):
             raise HyqError(f"{self.where(root)}: its inputs or result are not bound to vars")

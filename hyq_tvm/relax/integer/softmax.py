@@ -60,7 +60,7 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     """The integer softmax kernel, or root when the softmax is not over the last axis or its input scale
     varies per channel."""
     sm, dq = m[_SOFTMAX], m[_INPUT]
-    where = ctx.where(sm)
+    where = ctx.where(sm, dq)
     shape = shape_of(root, where)
     last = len(shape) - 1
     x = operand(dq, where)
@@ -71,7 +71,7 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     s_o = per_channel(out.scale, out, out.axis, shape[out.axis], "the output scale", where)
     z_o = per_channel(out.zero_point, out, out.axis, shape[out.axis], "the output zero point", where)
     acc_scale = np.float64(2.0 ** -PROB_BITS)
-    params = requant_params(acc_scale, s_o, z_o, None)
+    params = requant_params(acc_scale, s_o, z_o, None, np.int64(1 << PROB_BITS), where)
     out_dtype = str(root.attrs.out_dtype)
     key = ("softmax", shape, out.axis, params[0].size, bool(np.any(params[1])), out_dtype)
     gv = ctx.kernel(key, lambda: softmax_primfunc(shape, *key[2:]))
