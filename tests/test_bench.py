@@ -22,6 +22,7 @@ import pytest
 from hyq_tvm.devices import bench
 from hyq_tvm.devices import BOARDS, fleet
 from hyq_tvm.errors import HyqError
+from hyq_tvm.fileio import sha256_file
 from hyq_tvm.targets import elf_arch, emulated_targets, host_arch, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,79 @@ def test_architecture_mismatch_is_refused_before_upload(tmp_path, monkeypatch):
         bench.bench(f"127.0.0.1:{closed_port()}", "rasp4b", art, limit=1, reports=tmp_path / "r",
                     state_file=tmp_path / "s.json")
     assert not (tmp_path / "r").exists()
+
+
+def test_limit_must_be_positive(tmp_path):
+    with pytest.raises(HyqError, match=r"^--limit must be at least 1, got 0$"):
+        bench.bench(f"127.0.0.1:{closed_port()}", "nosuchboard", fake_host_artifact(tmp_path / "a"), limit=0,
+                    reports=tmp_path / "r", state_file=tmp_path / "s.json")
+
+
+def test_lost_session_is_told_by_type():
+    """A killed RPC server's session fails with TVM's InternalError (its socket) and counts as lost; an error raised
+    on the device arrives as RPCError and does not."""
+    from tvm import rpc
+
+    port = closed_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        sess = rpc.connect("127.0.0.1", port, session_timeout=0)
+        with pytest.raises(Exception) as on_device:
+            sess.load_module("missing.so")
+        workpath = sess.get_function("tvm.rpc.server.workpath")
+        workpath("x")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its session process
+        server.wait()
+    with pytest.raises(Exception) as lost:
+        workpath("x")
+    assert not bench.lost_session(on_device.value) and bench.lost_session(lost.value)
+    assert not bench.lost_session(FileNotFoundError("x")) and bench.lost_session(ConnectionResetError())
+
+
+def test_a_lost_session_is_called_again_in_a_new_one(monkeypatch):
+    """Remote.call reconnects after a lost session and calls again, MAX_RECONNECTS times in all; other errors pass."""
+    from tvm.error import InternalError, RPCError
+
+    logs = []
+    remote = bench.Remote(("127.0.0.1", 9), "rasp4b", None, 1.0, None, logs.append)
+    monkeypatch.setattr(remote, "connect", lambda: setattr(remote, "vm", object()))
+    errors = iter([InternalError("Socket SockChannel::Send Error:Broken pipe"), TimeoutError("read timed out")])
+
+    def flaky():
+        err = next(errors, None)
+        if err is not None:
+            raise err
+        return 42
+
+    assert remote.call("latency", flaky) == 42 and remote.lost == 2
+    assert logs == ["latency: RPC session lost (InternalError: Socket SockChannel::Send Error:Broken pipe); "
+                    "reconnecting", "latency: RPC session lost (TimeoutError: read timed out); reconnecting"]
+
+    def device_error():
+        raise RPCError("Error caught from RPC call")
+
+    with pytest.raises(RPCError):
+        remote.call("image 3", device_error)
+    assert remote.lost == 2
+
+    def lost():
+        raise ConnectionResetError("reset by peer")
+
+    with pytest.raises(HyqError, match=r"^the RPC session for 'rasp4b' was lost 4 times; last: ConnectionResetError: "
+                                       r"reset by peer$"):
+        remote.call("instruction count", lost, session=False)
+    assert remote.vm is None
 
 
 def test_no_free_device_times_out(tmp_path):
@@ -188,6 +262,39 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> dict:
     return row
 
 
+def still_running(proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    """Fail (killing the bench) once it has exited or the deadline has passed."""
+    if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail(f"the bench exited or timed out:\n{log.read_text()}")
+
+
+def logged(pattern: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> tuple[str, ...]:
+    """The groups of the first match of `pattern` in a running bench's log, once it is there."""
+    deadline = time.monotonic() + timeout
+    while (m := re.search(pattern, log.read_text())) is None:
+        still_running(proc, log, deadline)
+        time.sleep(0.05)
+    return m.groups()
+
+
+def crash(state: dict, name: str, proc: subprocess.Popen) -> None:
+    """Kill board `name` like a crash: SIGKILL to its whole process group (qemu, the RPC server, its session)."""
+    try:
+        board = next(b for b in state["boards"] if b["name"] == name)
+        os.killpg(board["pgid"], signal.SIGKILL)
+        fleet.kill_group(board["pgid"])  # reaps the group's leader, our child
+        assert not fleet.alive(board["pgid"])
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def session_dirs(state: dict, library: str) -> set[Path]:
+    """The files named `library` in the session folders of the boards' rootfs (a killed session leaves its folder)."""
+    return set((Path(state["boards"][0]["rootfs"]) / "tmp").glob(f"tmp*/{library}"))
+
+
 def finished_images(reports: Path, n: int, proc: subprocess.Popen, log: Path, timeout: float = 180) -> list[int]:
     """The image indices in a running bench's work file, once it holds at least n."""
     deadline = time.monotonic() + timeout
@@ -196,7 +303,7 @@ def finished_images(reports: Path, n: int, proc: subprocess.Popen, log: Path, ti
             done = [json.loads(line)["i"] for line in work.read_text().splitlines()[1:]]
             if len(done) >= n:
                 return done
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        still_running(proc, log, deadline)
         time.sleep(0.05)
 
 
@@ -229,7 +336,7 @@ def test_bench_end_to_end_on_emulated_rasp4b(rasp4b_artifact, emulated_rasp4b, t
     r = cli("--tracker", f"{t['host']}:{t['port']}", "--key", "rasp4b", "--artifact", rasp4b_artifact,
             "--limit", 8, "--repeat", 3, "--reports", tmp_path, "--devices-state", state_file)
     assert r.returncode == 0, r.stderr
-    assert "EMULATED" in r.stdout
+    assert "EMULATED" in r.stdout and " on 8 test images;" in r.stdout
     (row,) = json.loads((tmp_path / "device_rasp4b.json").read_text())["rows"]
     assert row["bitexact"] is True and row["bitexact_images"] == row["images"] == 8 and row["max_abs_diff"] == 0
     assert row["top1"] == row["top1_host"]
@@ -260,32 +367,74 @@ def test_two_boards_serve_two_benchmarks_at_once(rasp4b_artifact, rasp4b_w6a6_ar
 def test_bench_resumes_after_the_rpc_server_is_killed(rasp4b_artifact, rasp4b_pair, tmp_path):
     """The board serving the benchmark is killed (its whole process group) once 3 images are done: the bench
     reconnects through the tracker to the other board and continues with the next image, none counted twice."""
+    from hyq_tvm import data
+
     state, state_file = rasp4b_pair
-    sessions = Path(state["boards"][0]["rootfs"]) / "tmp"
-    before = set(sessions.glob("tmp*/hyq-*.so"))
+    library = f"hyq-{sha256_file(rasp4b_artifact / 'model.so')[:12]}.so"
+    before = session_dirs(state, library)
     proc, log = bench_popen(state_file, rasp4b_artifact, tmp_path / "r", "--limit", 12, "--repeat", 1)
-    try:
-        done = finished_images(tmp_path / "r", 3, proc, log)
-        (served,) = re.findall(r"session 1 on (\S+):", log.read_text())
-        board = next(b for b in state["boards"] if b["name"] == served)
-        os.killpg(board["pgid"], signal.SIGKILL)  # a crash: qemu, the RPC server and its session process
-        fleet.kill_group(board["pgid"])  # reaps the group's leader, our child
-        assert not fleet.alive(board["pgid"])
-    except BaseException:
-        proc.kill()
-        raise
+    done = finished_images(tmp_path / "r", 3, proc, log)
+    (served,) = re.findall(r"session 1 on (\S+):", log.read_text())
+    crash(state, served, proc)
     row = finish(proc, log)
-    for lib in set(sessions.glob(f"tmp*/hyq-{row['library_sha256'][:12]}.so")) - before:
+    for lib in session_dirs(state, library) - before:
         shutil.rmtree(lib.parent)  # the killed session's folder, left in the shared rootfs
-    assert done[:3] == [0, 1, 2]
+    labels = data.open_dataset(None, "test", 64, [0.0] * 3, [1.0] * 3).targets
+    assert done[:3] == data.balanced_indices(labels, 12)[:3].tolist()  # the seeded class-balanced subset, in order
     text = log.read_text()
-    (lost,) = re.findall(r"image (\d+): RPC session lost .*; reconnecting", text)
-    assert int(lost) >= len(done), text
+    assert "12 of 10000 test images (seeded, balanced over the classes)" in text
+    (lost,) = re.findall(r"image (\d+): RPC session lost \((?:InternalError|ConnectionResetError|BrokenPipeError)"
+                         r": .*\); reconnecting", text)
+    assert int(lost) not in done, text
     (other,) = {b["name"] for b in state["boards"]} - {served}
     assert f"session 2 on {other}:" in text and row["sessions"] == 2 and row["board"] == other
     assert row["images"] == row["bitexact_images"] == 12 and row["bitexact"] is True and row["max_abs_diff"] == 0
     assert row["top1"] == row["top1_host"]
     assert not list((tmp_path / "r" / ".work").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_bench_measures_latency_again_after_the_rpc_server_is_killed(rasp4b_artifact, rasp4b_pair, tmp_path):
+    """The board is killed while time_evaluator runs: the bench reconnects to the other board and measures the
+    latency there from the start, in one piece."""
+    state, state_file = rasp4b_pair
+    library = f"hyq-{sha256_file(rasp4b_artifact / 'model.so')[:12]}.so"
+    before = session_dirs(state, library)
+    proc, log = bench_popen(state_file, rasp4b_artifact, tmp_path / "r", "--limit", 2, "--repeat", 100)
+    (served,) = logged(r"measuring latency on (\S+): 100 runs", proc, log)
+    crash(state, served, proc)
+    row = finish(proc, log)
+    for lib in session_dirs(state, library) - before:
+        shutil.rmtree(lib.parent)
+    text = log.read_text()
+    assert re.search(r"\nlatency: RPC session lost \((InternalError|ConnectionResetError|BrokenPipeError): .*\); "
+                     r"reconnecting\n", text), text
+    (other,) = {b["name"] for b in state["boards"]} - {served}
+    assert f"session 2 on {other}:" in text and f"measuring latency on {other}: 100 runs" in text
+    assert row["sessions"] == 2 and row["board"] == other and row["runs"] == 100
+    assert row["images"] == row["bitexact_images"] == 2 and row["bitexact"] is True
+
+
+@pytest.mark.slow
+def test_four_benchmarks_share_two_boards(rasp4b_artifact, rasp4b_w6a6_artifact, rasp4b_pair, tmp_path):
+    """A load test: four benchmarks at once under one key with two boards; the tracker queues the requests it cannot
+    serve yet; every benchmark gets a board within the time bound, in one session, and runs each image once."""
+    state, state_file = rasp4b_pair
+    deadline = time.monotonic() + 600
+    runs = [bench_popen(state_file, art, tmp_path / f"c{n}", "--limit", 2, "--repeat", 1, "--timeout", 600)
+            for n, art in enumerate([rasp4b_artifact, rasp4b_w6a6_artifact] * 2)]
+    try:
+        rows = [finish(*run, timeout=max(deadline - time.monotonic(), 1)) for run in runs]
+    finally:
+        for proc, _ in runs:
+            proc.kill()
+    for (_, log), row in zip(runs, rows):
+        text = log.read_text()
+        assert "RPC session lost" not in text and "resuming" not in text, text
+        assert row["sessions"] == 1 and row["images"] == row["bitexact_images"] == 2 and row["bitexact"] is True
+        assert len(row["not_bitexact"]) == 0 and row["top1"] == row["top1_host"]
+    assert {r["board"] for r in rows} == {b["name"] for b in state["boards"]}
+    assert [r["calibration"]["wbits"] for r in rows] == [8, 6, 8, 6]
 
 
 @pytest.mark.slow
@@ -311,6 +460,33 @@ def test_bench_instruction_counts_on_icount_board(rasp4b_artifact, tmp_path):
                                     r"twice\), (\d+) \(8 more times\)", (tmp_path / "r0" / "bench.log").read_text())
     assert c1 == again and int(cn) - int(c1) == 8 * a and int(c1) >= 2 * a  # c1 also counts loading model.so
     assert f"| {a} |" in (tmp_path / "r0" / "device_rasp4b.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_counts_instructions_again_after_the_rpc_server_is_killed(rasp4b_artifact, tmp_path):
+    """Two --icount boards; the one running the first counted session is killed: the bench starts the counts again
+    on the other board, and they are exact."""
+    _need_emulation()
+    state_file = tmp_path / "devices.json"
+    try:
+        state = fleet.start("rasp4b", count=2, state_file=state_file, icount=True)
+        before = session_dirs(state, "model.so")
+        proc, log = bench_popen(state_file, rasp4b_artifact, tmp_path / "r", "--limit", 1, "--repeat", 1)
+        (served,) = logged(r"counting instructions on (\S+): main runs 2 times", proc, log)
+        crash(state, served, proc)
+        row = finish(proc, log)
+    finally:
+        fleet.stop(state_file=state_file)
+    for lib in session_dirs(state, "model.so") - before:
+        if sha256_file(lib) == sha256_file(rasp4b_artifact / "model.so"):
+            shutil.rmtree(lib.parent)
+    text = log.read_text()
+    assert re.search(r"\ninstruction count: RPC session lost \(\w+: .*\); reconnecting\n", text), text
+    (other,) = {b["name"] for b in state["boards"]} - {served}
+    after = text.split("instruction count: RPC session lost")[1]
+    assert re.findall(r"counting instructions on (\S+):", after) == [other] * 3
+    assert isinstance(row["instructions"], int) and 10_000_000 < row["instructions"] < 1_000_000_000
+    assert "; exact:" in row["instructions_note"] and row["bitexact"] is True
 
 
 @pytest.mark.slow

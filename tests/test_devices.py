@@ -69,6 +69,13 @@ def test_tracker_unreachable(tmp_path):
     assert len(lines) == 1 and "unreachable" in lines[0] and f"127.0.0.1:{port}" in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("addr", ["127.0.0.1", ":9190", "127.0.0.1:x", "127.0.0.1:0", "localhost:65536"])
+def test_tracker_address_needs_a_port_from_1_to_65535(addr):
+    with pytest.raises(HyqError, match=rf"^--tracker '{addr}' is not HOST:PORT with a port from 1 to 65535$"):
+        fleet.parse_addr(addr)
+    assert fleet.parse_addr("localhost:65535") == ("localhost", 65535)
+
+
 def test_missing_qemu_names_the_package(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(HyqError, match="qemu-user-static"):

@@ -4,15 +4,16 @@
 
 Requests a session for --key from the tracker (waiting at most --timeout s for a free device), refuses
 an artifact whose model.so is built for another architecture than the key's (before any upload),
-uploads model.so, measures latency with time_evaluator, then runs the first --limit Fashion-MNIST test
-images on the device and compares every output bit for bit with the host twin of the same integer graph
-(host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
+uploads model.so, measures latency with time_evaluator, then runs --limit Fashion-MNIST test images (a seeded
+subset balanced over the classes) on the device and compares every output bit for bit with the host twin of the
+same integer graph (host.so in the artifact; model.so itself for a host artifact). Top-1 accuracy is the device's.
 Writes reports/device_<key>.json and .md (one row per model). Boards started by hyq_tvm.device are
 labelled emulated: their wall-clock times say nothing about real hardware; on a board started with --icount
 the row also gets the exact number of instructions one inference executes in model.so and libm (QEMU plugin).
 
-The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
-reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
+A lost RPC session (the server died) is reconnected through the tracker in every phase: latency and instruction
+counts are measured again in the new session; finished images go to a work file (reports/.work/...), so a
+reconnect, or a rerun, continues with the next unfinished image and counts none twice.
 
 --compare-ort (emulated boards started with --icount): then counts onnxruntime (the board rootfs's aarch64 wheel,
 one thread) on the FP32 and the plan's QDQ int8 ONNX models, same input, and writes
@@ -27,7 +28,6 @@ from pathlib import Path
 from ..devices.bench import DEFAULT_LIMIT, DEFAULT_TIMEOUT, bench
 from ..devices.versus import check_icount_key, compare_ort
 from ..errors import check_positive
-from .options import check_tracker
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracker", required=True, help="HOST:PORT of the TVM RPC tracker")
     p.add_argument("--key", required=True, help="device key registered with the tracker (e.g. rasp4b)")
     p.add_argument("--artifact", required=True, type=Path, help="artifact folder from python -m hyq_tvm.compile")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"test images to run (default {DEFAULT_LIMIT})")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"test images to run, a seeded class-balanced subset (default {DEFAULT_LIMIT})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help=f"seconds to wait for a free device (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--repeat", type=int, default=10, help="time_evaluator repeats (default 10, number=1)")
@@ -51,7 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_tracker(args.tracker)
     check_positive(args.repeat, "--repeat")
     if args.compare_ort:
         check_icount_key(args.tracker, args.key, args.devices_state)
@@ -60,8 +59,8 @@ def main(argv=None) -> None:
     emu = " EMULATED" if row["emulated"] else ""
     print(f"{row['model']} on {args.key}{emu}: latency median {row['latency_ms_median']} ms (p90 "
           f"{row['latency_ms_p90']}, {row['runs']} runs); bitexact {row['bitexact']} "
-          f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%); "
-          f"instructions {row['instructions']}; -> {', '.join(row['reports'])}")
+          f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%) on "
+          f"{row['images']} test images; instructions {row['instructions']}; -> {', '.join(row['reports'])}")
     if args.compare_ort:
         vs = compare_ort(row, args.artifact, args.reports, args.devices_state, args.data)
         print(f"{vs['model']} {vs['img_size']} px on {vs['board']} EMULATED, instructions per inference: hyq-tvm int8 "

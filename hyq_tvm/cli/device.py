@@ -81,9 +81,6 @@ def main(argv=None) -> None:
     elif args.cmd == "build":
         print(devices.build_rootfs())
     elif args.cmd == "start":
-        from .options import check_tracker
-
-        check_tracker(args.tracker)
         devices.get_board(args.board)
         state = fleet.start(args.board, count=args.count, tracker=args.tracker, host=args.host, key=args.key,
                             icount=args.icount, expose=args.expose)

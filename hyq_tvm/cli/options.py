@@ -62,15 +62,6 @@ def plan_from_args(args: argparse.Namespace, bits: int | None = None):
     return plan
 
 
-def check_tracker(addr: str | None) -> None:
-    """A HyqError unless --tracker `addr` is None or HOST:PORT with a port from 1 to 65535."""
-    if addr is None:
-        return
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise HyqError(f"--tracker {addr!r} is not HOST:PORT with a port from 1 to 65535")
-
-
 def add_bits(p: argparse.ArgumentParser, many: bool = False, default=8) -> None:
     """--bits: the bit-width of weights and activations alike (many: a list of them)."""
     if many:

@@ -21,7 +21,7 @@ from ..errors import HyqError, check_positive
 from ..relax.pipeline import lower
 from ..relax.tuning import database_dir, tune
 from ..targets import load_target
-from .options import add_img_size, add_model, add_plan, add_weights, check_tracker, plan_from_args
+from .options import add_img_size, add_model, add_plan, add_weights, plan_from_args
 
 DEFAULT_TRIALS = 64
 
@@ -55,9 +55,9 @@ def _board(args: argparse.Namespace, spec) -> tuple[tuple[str, int] | None, str 
         if args.key is not None:
             raise HyqError("--key needs --tracker")
         return None, None
+    tracker = parse_addr(args.tracker)
     if key is None:
         raise HyqError(f"target {spec.name} has no RPC key: give --key")
-    tracker = parse_addr(args.tracker)
     if key not in tracker_summary(*tracker).get("queue_info", {}):
         raise HyqError(f"no device with key {key!r} at the RPC tracker {args.tracker}")
     return tracker, key
@@ -65,7 +65,6 @@ def _board(args: argparse.Namespace, spec) -> tuple[tuple[str, int] | None, str 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_tracker(args.tracker)
     check_positive(args.trials, "--trials")
     spec = load_target(args.target)
     tracker, key = _board(args, spec)

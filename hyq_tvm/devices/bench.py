@@ -2,13 +2,15 @@
 
 Requests a session for a key from the tracker, refuses an artifact whose model.so is built for another
 architecture than the key's (before any upload), uploads model.so, measures latency with time_evaluator,
-then runs test images on the device and compares every output bit for bit with the host twin of the same
-integer graph. Writes reports/device_<key>.json and .md (one row per model). Boards started by
+then runs test images (a seeded class-balanced subset) on the device and compares every output bit for bit with
+the host twin of the same integer graph. Writes reports/device_<key>.json and .md (one row per model). Boards started by
 hyq_tvm.devices are labelled emulated; on a board started with icount the row also gets the exact number
 of instructions one inference executes in model.so and libm (QEMU plugin).
 
-The accuracy loop is resumable: finished images go to a work file (reports/.work/...); a rerun, or a
-reconnect after the RPC server died, continues with the next unfinished image and counts none twice.
+A lost RPC session (the server died, the link broke: told by the exception's type, see lost_session) is
+reconnected through the tracker in every phase: the latency measurement and an instruction count start again
+in a new session; the accuracy loop keeps finished images in a work file (reports/.work/...), so a reconnect,
+or a rerun, continues with the next unfinished image and counts none twice.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from . import fleet
 from .boards import BOARDS
 from .fleet import parse_addr, tracker_summary
 from .icount import server_counts
-from ..errors import HyqError
+from ..errors import HyqError, check_positive
 from ..fileio import atomic_path, sha256_file, write_json
 from ..artifact import LIBRARY, Artifact, load_artifact
 from ..targets import target_for_key
@@ -38,6 +40,7 @@ from ..targets import target_for_key
 DEFAULT_LIMIT = 200
 DEFAULT_TIMEOUT = 60.0
 MAX_RECONNECTS = 3
+T = TypeVar("T")
 
 
 # --- tracker and sessions ---------------------------------------------------------------------------
@@ -78,7 +81,19 @@ def request_session(host: str, port: int, key: str, timeout: float, session_time
     try:
         return rpc.connect(url, sport, matchkey, session_timeout), (url, int(sport))
     except Exception as err:  # noqa: BLE001 - TVM raises several types here
+        if lost_session(err):
+            raise  # the server went away after the tracker chose it: the caller reconnects
         raise HyqError(f"RPC server {url}:{sport} for {key!r} refused the session ({err})") from None
+
+
+def lost_session(err: BaseException) -> bool:
+    """Whether `err` means the RPC session is gone (server died, link broke, session expired), by its type: TVM's
+    RPC client raises InternalError when its socket fails or the server shuts down, RPCSessionTimeoutError (a
+    TimeoutError) when the session expired; sockets raise ConnectionError or TimeoutError. An error raised on
+    the device arrives as RPCError and is not one."""
+    from tvm.error import InternalError
+
+    return isinstance(err, (ConnectionError, TimeoutError, InternalError))
 
 
 # --- what the tracker's servers are --------------------------------------------------------------------
@@ -156,7 +171,26 @@ class Remote:
         self.tracker, self.key, self.art, self.timeout, self.info, self.log = tracker, key, art, timeout, info, log
         self.state_file = state_file
         self.sess = self.vm = None
-        self.connects = 0
+        self.connects = self.lost = 0
+
+    def call(self, what: str, fn: Callable[[], T], session: bool = True) -> T:
+        """fn(), in a session with the artifact loaded unless session=False; when the RPC session is lost, fn is
+        called again in a new one (MAX_RECONNECTS times in all, then HyqError)."""
+        while True:
+            try:
+                if session and self.vm is None:
+                    self.connect()
+                return fn()
+            except Exception as err:  # noqa: BLE001 - told apart by type: lost_session
+                if not lost_session(err):
+                    raise
+                self.close()
+                self.lost += 1
+                last = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+                if self.lost > MAX_RECONNECTS:
+                    raise HyqError(f"the RPC session for {self.key!r} was lost {self.lost} times; "
+                                   f"last: {last}") from None
+                self.log(f"{what}: RPC session lost ({last}); reconnecting")
 
     def connect(self):
         from tvm import relax
@@ -185,42 +219,21 @@ class Remote:
         self.vm = self.sess = None
 
 
-def _rpc_failure(err: BaseException) -> bool:
-    text = str(err)
-    return isinstance(err, (OSError, ConnectionError)) or any(
-        s in text for s in ("RPCSessionTimeoutError", "connection", "Connection", "socket", "Socket", "RPC"))
-
-
 def run_images(remote: Remote, host_vm, dataset, indices: list[int], work: WorkFile,
                log: Callable[[str], None]) -> None:
-    """Run every unfinished index on the device and the host twin; reconnect on RPC failures."""
+    """Run every unfinished index on the device and the host twin; reconnect when the session is lost."""
     import tvm
 
-    failures = 0
     todo = [i for i in indices if i not in work.done]
     if len(todo) < len(indices):
         log(f"resuming: {len(indices) - len(todo)} of {len(indices)} images already done ({work.path})")
     for n, i in enumerate(todo):
         x, label = dataset[i]
         x = x[None].numpy().astype("float32")
-        while True:
-            try:
-                if remote.vm is None:
-                    remote.connect()
-                got = remote.run(x)
-                break
-            except HyqError:
-                raise
-            except Exception as err:  # noqa: BLE001
-                if not _rpc_failure(err):
-                    raise
-                failures += 1
-                remote.close()
-                if failures > MAX_RECONNECTS:
-                    raise HyqError(f"the RPC session for {remote.key!r} failed {failures} times; "
-                                   f"last: {str(err).splitlines()[0][:200]} (finished images are kept in "
-                                   f"{work.path}; rerun to resume)") from None
-                log(f"image {i}: RPC session lost ({str(err).splitlines()[0][:120]}); reconnecting")
+        try:
+            got = remote.call(f"image {i}", lambda: remote.run(x))
+        except HyqError as err:
+            raise HyqError(f"{err} (finished images are kept in {work.path}; rerun to resume)") from None
         want = host_vm["main"](tvm.runtime.tensor(x)).numpy()
         bitexact = got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
         work.add({"i": i, "label": int(label), "pred": int(got.argmax()), "host_pred": int(want.argmax()),
@@ -232,8 +245,10 @@ def run_images(remote: Remote, host_vm, dataset, indices: list[int], work: WorkF
 
 # --- latency and instructions ----------------------------------------------------------------------------
 def measure_latency(remote: Remote, x: np.ndarray, repeat: int, number: int = 1) -> dict:
+    """Median and p90 ms of `repeat` time_evaluator runs in the remote's session."""
     import tvm
 
+    remote.log(f"measuring latency on {remote.info.board}: {number * repeat} runs")
     dev = remote.sess.cpu()
     timer = remote.vm.time_evaluator("main", dev, number=number, repeat=repeat, min_repeat_ms=0)
     results = np.array(timer(tvm.runtime.tensor(x, dev)).results) * 1e3
@@ -253,6 +268,7 @@ def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
     board = next((b for b in info.entries if b["name"] == info.board and b.get("icount")), None)
     if board is None:
         raise HyqError(f"the session ran on {info.board}, not on a board started with --icount")
+    remote.log(f"counting instructions on {board['name']}: main runs {1 + number} times")
     before = set(server_counts(board))  # one session at a time: earlier ones have written their counts
     # copied into the session's folder through the rootfs, not uploaded: the upload's socket reads vary
     name = LIBRARY  # the file name devices.icount.COUNTED_CODE counts the code of
@@ -264,9 +280,12 @@ def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
     del vm, dev, sess  # ends the session: its process exits and writes its count
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        running = fleet.alive(board["pgid"])
         new = [c for p, c in server_counts(board, "icount_code").items() if p not in before]
         if new:
             return new[0]
+        if not running:
+            raise ConnectionError(f"{board['name']} stopped before its session wrote a count")
         time.sleep(0.2)
     raise HyqError(f"no instruction count from {board['name']} within 120 s after its session ended")
 
@@ -274,17 +293,21 @@ def session_instructions(remote: Remote, x: np.ndarray, number: int) -> int:
 def count_instructions(remote: Remote, x: np.ndarray, n: int, log) -> tuple[int | None, str]:
     """Per-inference instructions in model.so and libm on an --icount board: the counts of two sessions that
     differ only in n more runs of main inside the device's time_evaluator loop, checked to be exact by a third
-    session equal to the first."""
+    session equal to the first. A lost session starts the counts again."""
     info = remote.info
     if not info.emulated:
         return None, "not an emulated board: no instruction counts"
     if not info.icount:
         return None, "board not started with --icount (python -m hyq_tvm.device start BOARD --icount)"
     remote.close()
-    try:
+
+    def counts() -> list[int]:
         # not counted: a fresh server's first sessions run up to 30k more instructions (lazy set-up in its worker)
         request_session(*remote.tracker, remote.key, remote.timeout)
-        c1, cn, again = (session_instructions(remote, x, runs) for runs in (1, 1 + n, 1))
+        return [session_instructions(remote, x, runs) for runs in (1, 1 + n, 1)]
+
+    try:
+        c1, cn, again = remote.call("instruction count", counts, session=False)
     except HyqError as err:
         return None, f"instruction count failed: {err}"
     log(f"instructions in model.so and libm: {c1} and {again} (sessions running main twice), {cn} ({n} more times)")
@@ -358,25 +381,25 @@ def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIM
     if info.arch is not None and info.arch != art.arch:
         raise HyqError(f"artifact {art.path} is built for {art.arch} (model.so) but key {key!r} is {info.arch}: "
                        f"not uploaded; compile it with --target {key}")
-    if limit < 0:
-        raise HyqError(f"--limit must be at least 0, not {limit}")
+    check_positive(limit, "--limit")
     check_tracker(thost, tport)
     if info.arch is None:
         log(f"warning: the architecture of key {key!r} is unknown (not a target in targets/ nor a board of the "
             f"fleet state); model.so ({art.arch}) is not checked against it")
-    remote = Remote((thost, tport), key, art, timeout, info, log, state_file).connect()
     import tvm
 
     from .. import data as datasets
 
     pm = art.plan_model
     dataset = datasets.open_dataset(data, "test", pm["img_size"], pm["mean"], pm["std"])
-    indices = list(range(min(limit, len(dataset))))
-    host_vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(art.host_library)), tvm.cpu())
+    indices = datasets.balanced_indices(dataset.targets, limit).tolist()
+    log(f"{len(indices)} of {len(dataset)} test images (seeded, balanced over the classes)")
     x0 = dataset[0][0][None].numpy().astype("float32")
-    latency = measure_latency(remote, x0, repeat)
+    remote = Remote((thost, tport), key, art, timeout, info, log, state_file)
+    latency = remote.call("latency", lambda: measure_latency(remote, x0, repeat))
     log(f"latency{' (EMULATED)' if info.emulated else ''}: median {latency['latency_ms_median']} ms, "
         f"p90 {latency['latency_ms_p90']} ms over {latency['runs']} runs")
+    host_vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(art.host_library)), tvm.cpu())
 
     work_id = f"{key}-{art.model}-{sha256_file(art.library)[:12]}-{sha256_file(art.host_library)[:12]}"
     header = {"library": sha256_file(art.library), "host_library": sha256_file(art.host_library),

@@ -113,9 +113,10 @@ def free_port(host: str, start: int | None = None) -> int:
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
+    """(host, port) of a tracker address HOST:PORT; HyqError unless the port is from 1 to 65535."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise HyqError(f"tracker address {addr!r} is not HOST:PORT")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise HyqError(f"--tracker {addr!r} is not HOST:PORT with a port from 1 to 65535")
     return host, int(port)
 
 
