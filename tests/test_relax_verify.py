@@ -11,6 +11,7 @@ from hyq_tvm import data
 from hyq_tvm.errors import HyqError
 from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.quant.prepare import quantized_model
+from hyq_tvm.quant.qdq import activation_qdq, qparams
 from hyq_tvm.relax.importer import marked_var
 from hyq_tvm.relax.integer import integerize_layers
 from hyq_tvm.relax.pipeline import lower
@@ -112,6 +113,33 @@ def test_a_corrupted_weight_is_the_first_mismatch_by_name(tiny):
         assert_bitexact(checks)
 
 
+def _same(values, plan_values) -> bool:
+    """Whether a record's () or (C,) values are the plan's (per tensor, or per channel, maybe all equal)."""
+    plan_values = np.asarray(plan_values)
+    return np.shape(values) in ((), plan_values.shape) and np.array_equal(
+        np.broadcast_to(values, plan_values.shape), plan_values)
+
+
+def assert_records_state_the_plan(plan, layers) -> None:
+    """The real numbers the independent reference derives everything from are the plan's: each layer's input scales
+    and zero points are its plan layer's (conv2d / linear: unit scale, s_a folded into the weight), its weight scale
+    the plan's, and each requantized output grid the input quantizer of a plan layer (its consumer). A layer is named
+    by the plan layer of its (marked) input, which layers quantizing one input alike share (q / k / v convs)."""
+    quantizers = [activation_qdq(entry, f"input{i}") for entry in plan.layers.values()
+                  for i in range(len(entry.inputs))]
+    for layer in layers:
+        named = plan.layers[layer.name]
+        for i, (scale, zero) in enumerate(zip(layer.real.scales, layer.zero_points)):
+            qdq = activation_qdq(named, f"input{i}")
+            assert _same(scale, qdq.dq_scale) and _same(zero, qdq.zero), (layer.name, i)
+        if layer.weight is not None:
+            alike = [e for e in plan.layers.values() if e.op == named.op and e.inputs == named.inputs]
+            assert any(_same(layer.real.weight_scale, qparams(e.weight)[0]) for e in alike), layer.name
+        if layer.out_scale is not None:
+            assert any(_same(layer.out_scale, q.scale) and _same(layer.out_zero_point, q.zero)
+                       for q in quantizers), layer.name
+
+
 @pytest.mark.slow
 def test_mobilevit_xxs_is_bit_exact_layer_by_layer_and_agrees_with_fake_quant():
     torch.set_num_threads(1)
@@ -121,6 +149,7 @@ def test_mobilevit_xxs_is_bit_exact_layer_by_layer_and_agrees_with_fake_quant():
     integer_layers = {n for n, e in plan.layers.items() if e.op in ("conv2d", "linear", "matmul")}
     assert {layer.name for layer in layers} == integer_layers  # a conv may have both an int8 and a float result
     assert len({(layer.name, layer.out_dtype) for layer in layers}) == len(layers)
+    assert_records_state_the_plan(plan, layers)
     vm = debug_vm(mod, layers, TARGET)
     info = plan.model
     images = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], limit=16, batch_size=16)))[0]

@@ -1,10 +1,11 @@
-"""Check a compiled integer graph layer by layer against the numpy reference, bit for bit.
+"""Check a compiled integer graph layer by layer against the independent reference, bit for bit.
 
 `debug_module` adds `main_debug` to an integerized module: `main` that also returns the integer
 input(s) and the result of every IntegerLayer (from integerize_layers). `check_layers` runs it once
-and recomputes each layer's result with its rule's numpy reference (IntegerLayer.reference) from the
-inputs TVM produced, so a mismatch stays in the layer that made it. Float islands between layers are
-checked only through the integer inputs they feed.
+and recomputes each layer's result with the independent reference (integer/reference.py: its own
+multipliers, tables and norm grid, derived exactly from the layer's real numbers, not the rules'
+constants) from the inputs TVM produced, so a mismatch stays in the layer that made it. Float islands
+between layers are checked only through the integer inputs they feed.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tvm import relax
 
 from ..errors import HyqError
 from .integer import IntegerLayer
+from .integer.reference import expected
 from .pipeline import build
 
 DEBUG = "main_debug"
@@ -90,7 +92,7 @@ def run_debug(vm: relax.VirtualMachine, layers: list[IntegerLayer], x: np.ndarra
 
 def check_values(layers: list[IntegerLayer], values: dict[relax.Var, np.ndarray]) -> list[LayerCheck]:
     """Every layer's result in `values` checked against the reference computed from its inputs there."""
-    return [compare(layer, values[layer.result], layer.reference(values)) for layer in layers]
+    return [compare(layer, values[layer.result], expected(layer, values)) for layer in layers]
 
 
 def check_layers(vm: relax.VirtualMachine, layers: list[IntegerLayer], x: np.ndarray) -> list[LayerCheck]:

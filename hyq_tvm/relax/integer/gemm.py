@@ -17,6 +17,7 @@ from tvm import relax, te
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ...errors import HyqError
+from ..requant import exact_ratio
 from .kernel import dims, placeholder
 from .operand import (
     Operand,
@@ -36,7 +37,7 @@ from .requantize import (
     requantize_acc,
     requantized,
 )
-from .rule import Context, IntegerLayer, Rule
+from .rule import Context, IntegerLayer, RealParams, Rule
 
 INT32 = np.iinfo(np.int32)
 
@@ -65,6 +66,8 @@ class _Core:
     weight: np.ndarray | None            # int8 constant operand: OIHW, or (K, N) for matmul
     zero_points: tuple[np.ndarray, ...]  # of A and B, int64 () or per channel
     attrs: dict[str, Any] = field(default_factory=dict)
+    in_scales: tuple[np.ndarray, ...] = ()  # as read: conv2d per input channel, matmul per tensor
+    weight_scale: np.ndarray | None = None  # as read: () or per output channel
 
 
 def _transposed(op: Operand, perm_call: relax.Call) -> Operand:
@@ -107,7 +110,7 @@ def _conv2d(call: relax.Call, a: Operand, w: Operand, where: str) -> _Core:
     in_shape = shape_of(a.data, where)
     w_q, s_w = _weight(w, 0, shape_of(w.data, where)[0], where)
     groups, out_ch = int(attrs.groups), w_q.shape[0]
-    s_a = per_channel(a.scale, a, 1, in_shape[1], "the input scale", where)
+    s_in = s_a = per_channel(a.scale, a, 1, in_shape[1], "the input scale", where)
     if s_a.ndim:
         per_group = s_a.reshape(groups, -1)
         if np.any(per_group != per_group[:, :1]):
@@ -127,7 +130,7 @@ def _conv2d(call: relax.Call, a: Operand, w: Operand, where: str) -> _Core:
                              dilation=attrs.dilation, groups=groups, out_dtype="int32")
     conv_attrs = {k: tuple(int(v) for v in getattr(attrs, k)) for k in ("strides", "padding", "dilation")}
     return _Core(acc, offset, s_a * s_w, 1, "conv2d", (a.data,), w_q, (z_a, np.int64(0)),
-                 {**conv_attrs, "groups": groups})
+                 {**conv_attrs, "groups": groups}, (s_in,), s_w)
 
 
 def _matmul_weight(a: Operand, b: Operand, where: str) -> _Core:
@@ -139,8 +142,8 @@ def _matmul_weight(a: Operand, b: Operand, where: str) -> _Core:
     z_a = per_channel(a.zero_point, a, a.data.ty.ndim - 1, k, "the input zero point", where)
     acc = relax.op.matmul(a.data, relax.const(w_q), out_dtype="int32")
     offset = -(np.broadcast_to(z_a, (k,)) @ w_q.astype(np.int64)) if np.any(z_a) else None
-    return _Core(acc, offset, scalar(a.scale, "the input scale", where) * s_w, -1, "matmul", (a.data,), w_q,
-                 (z_a, np.int64(0)))
+    s_a = scalar(a.scale, "the input scale", where)
+    return _Core(acc, offset, s_a * s_w, -1, "matmul", (a.data,), w_q, (z_a, np.int64(0)), {}, (s_a,), s_w)
 
 
 def _matmul_activations(a: Operand, b: Operand, where: str) -> _Core:
@@ -156,7 +159,8 @@ def _matmul_activations(a: Operand, b: Operand, where: str) -> _Core:
         acc = relax.op.subtract(acc, relax.op.multiply(row, relax.const(int(z_b), "int32")))
     k = shape_of(a.data, where)[-1]
     offset = np.array(k * int(z_a) * int(z_b), np.int64) if z_a and z_b else None
-    return _Core(acc, offset, s_a * s_b, -1, "matmul", (a.data, b.data), None, (z_a, z_b), {"b_axes": b.axes})
+    return _Core(acc, offset, s_a * s_b, -1, "matmul", (a.data, b.data), None, (z_a, z_b), {"b_axes": b.axes},
+                 (s_a, s_b))
 
 
 def _core(m: dict, where: str) -> _Core:
@@ -207,6 +211,13 @@ def _bias_vector(bias: np.ndarray, out_shape, axis: int, where: str) -> np.ndarr
     return bias.astype(np.float64).reshape(-1) if bias.size > 1 else bias.astype(np.float64).reshape(())
 
 
+def _function(m: dict) -> tuple[str | None, tuple[float, ...]]:
+    """The ReLU / clip of a match before its quantize, as RealParams.function and args."""
+    if _RELU in m:
+        return "relu", ()
+    return ("clip", clip_bounds(m[_CLIP])) if _CLIP in m else (None, ())
+
+
 def _clamp(m: dict, s_o: np.ndarray, z_o: np.ndarray, out_dtype: str):
     """int64 (low, high) bounds, () or per channel, of the ReLU / clip of a match on the output grid, or None."""
     info = np.iinfo(out_dtype)
@@ -219,8 +230,10 @@ def _clamp(m: dict, s_o: np.ndarray, z_o: np.ndarray, out_dtype: str):
     return tuple(np.clip(v, info.min, info.max).astype(np.int64) for v in (low, high))
 
 
-def _record(ctx: Context, root: relax.Call, m: dict, core: _Core, **out) -> None:
-    ctx.record(root, m[_A], core.op, core.attrs, core.inputs, core.weight, core.zero_points, **out)
+def _record(ctx: Context, root: relax.Call, m: dict, core: _Core, real_bias=None, **out) -> None:
+    function, args = _function(m)
+    real = RealParams(core.in_scales, core.weight_scale, real_bias, function, args)
+    ctx.record(root, m[_A], core.op, core.attrs, core.inputs, core.weight, core.zero_points, real=real, **out)
 
 
 def requantize_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
@@ -247,9 +260,10 @@ def rewrite_quantized(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     shape = shape_of(root, where)
     axis = core.axis % len(shape)
     channels = shape[axis]
-    bias = None
+    bias = real_bias = None
     if _BIAS in m:
-        bias = _bias_vector(m[_BIAS].args[1].value.numpy(), shape, axis, where) / core.scale
+        real_bias = _bias_vector(m[_BIAS].args[1].value.numpy(), shape, axis, where)
+        bias = exact_ratio(real_bias, core.scale)
     acc = _accumulate(core, where)
     out = output(root, where)
     s_o = per_channel(out.scale, out, axis, channels, "the output scale", where)
@@ -263,7 +277,7 @@ def rewrite_quantized(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     if clamp is not None:
         low, high = (relax.const(along(v, axis, len(shape)).astype(out_dtype), out_dtype) for v in clamp)
         result = relax.op.minimum(relax.op.maximum(result, low), high)
-    _record(ctx, root, m, core, bias=bias, acc_scale=core.scale, axis=axis, out_scale=s_o, out_zero_point=z_o,
+    _record(ctx, root, m, core, real_bias, bias=bias, acc_scale=core.scale, axis=axis, out_scale=s_o, out_zero_point=z_o,
             out_dtype=out_dtype, clamp=clamp)
     return result
 

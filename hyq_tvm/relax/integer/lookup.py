@@ -12,7 +12,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from .kernel import dims, placeholder
 from .operand import channel_axes, clip_bounds, operand, output, per_channel, shape_of
-from .rule import Context, IntegerLayer, Rule
+from .rule import Context, IntegerLayer, RealParams, Rule
 
 
 def _erf(v: np.ndarray) -> np.ndarray:
@@ -49,6 +49,13 @@ def lookup_table(func, in_scale, in_zero_point, out_scale, out_zero_point, chann
     return np.clip(np.round(func(s_in * (q - z_in)) / s_o) + z_o, info.min, info.max).astype(out_dtype)
 
 
+def _real_args(call: relax.Call) -> tuple[float, ...]:
+    """The real arguments of an ELEMENTWISE call: clip (min, max), leakyrelu (alpha,), else ()."""
+    if call.op.name == "relax.clip":
+        return clip_bounds(call)
+    return (float(call.attrs.alpha),) if call.op.name == "relax.nn.leakyrelu" else ()
+
+
 def lookup_primfunc(shape, axis: int, channels: int, out_dtype: str = "int8"):
     """PrimFunc(x, table, out): out = table[channel, x + 128] for an int8 x; table is (channels, 256) of
     out_dtype, one row per channel along `axis` (one in all when channels is 1). lookup is its twin."""
@@ -81,7 +88,7 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     gv = ctx.kernel(key, lambda: lookup_primfunc(*key[1:]))
     ctx.record(root, dq, "lookup", {"table": table}, (x.data,), None, (x.zero_point,), bias=None,
                acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale, out_zero_point=out.zero_point,
-               out_dtype=out_dtype)
+               out_dtype=out_dtype, real=RealParams((x.scale,), function=call.op.name, args=_real_args(call)))
     return relax.call_tir(gv, [x.data, relax.const(table, out_dtype)], relax.TensorType(shape, out_dtype))
 
 

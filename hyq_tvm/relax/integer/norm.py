@@ -4,16 +4,19 @@ grid, int64 mean and variance, an integer square root and the affine output in f
 Other norms stay float islands."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from ...errors import HyqError
+from ..requant import exact_ratio
 from .kernel import dims, placeholder, saturated
 from .operand import along, channel_axes, consts, operand, output, shape_of
-from .rule import Context, IntegerLayer, Rule
+from .rule import Context, IntegerLayer, RealParams, Rule
 
 NORM_INPUT_BITS = 16  # at most: the widest input channel's step is 2^16 grid steps (|t| < 2^24), so that
                       # the variance stays below 2^52, where the float64 square root is exact
@@ -39,26 +42,31 @@ class NormParams:
     shift: int              # fractional bits of gain and offset
 
 
+def _nearest(x: Fraction) -> int:
+    """floor(x + 1/2) of an exact rational."""
+    return math.floor(x + Fraction(1, 2))
+
+
 def norm_params(in_scale, gamma, beta, out_scale, eps: float, channels: int, count: int) -> NormParams:
     """The NormParams of a LayerNorm / GroupNorm(1) over `count` elements with these float parameters
-    (arrays () or (C,)), chosen so that no int64 term of the kernel overflows for int8 inputs (|x - z| < 2^8).
+    (arrays () or (C,)), chosen so that no int64 term of the kernel overflows for int8 inputs (|x - z| < 2^8);
+    every rounding (half up) is of the exact rational.
 
     Input grid: |t| < 2^(8 + b) with b input bits, |d| < 2^(9 + b), sum(d^2) < count * 2^(18 + 2b) < 2^62.
     Output: |d * gain| and |offset * sigma| < 2^61 with sigma < 2^(9 + b), so |gain|, |offset| < 2^(52 - b).
     """
-    input_bits = min(NORM_INPUT_BITS, (62 - 18 - int(np.ceil(np.log2(count)))) // 2)
-    s_in = np.broadcast_to(np.asarray(in_scale, np.float64), (channels,))
-    unit = s_in.max() * 2.0 ** -input_bits
-    multiplier = np.floor(s_in / unit + 0.5).astype(np.int64)
-    eps_steps = int(np.floor(eps / unit ** 2 + 0.5))
-    ratio = [np.broadcast_to(np.asarray(v, np.float64) / np.asarray(out_scale, np.float64), (channels,))
-             for v in (gamma, beta)]
-    largest = max(float(np.abs(r).max()) for r in ratio)
-    shift = min(30, 52 - input_bits - max(0, int(np.ceil(np.log2(largest + 1)))))
+    input_bits = min(NORM_INPUT_BITS, (62 - 18 - (count - 1).bit_length()) // 2)  # (count - 1).bit_length(): ceil(log2)
+    s_in = np.broadcast_to(exact_ratio(in_scale, 1.0), (channels,))
+    unit = s_in.max() / (1 << input_bits)
+    multiplier = np.array([_nearest(s / unit) for s in s_in], np.int64)
+    eps_steps = _nearest(Fraction(eps) / unit ** 2)
+    ratio = [np.broadcast_to(exact_ratio(v, out_scale), (channels,)) for v in (gamma, beta)]
+    largest = max(abs(v) for r in ratio for v in r)
+    shift = min(30, 52 - input_bits - (math.ceil(largest + 1) - 1).bit_length())  # the bits of largest + 1
     if shift < 8 or eps_steps >= 2 ** 51:
-        raise HyqError(f"a norm's gain or offset ({largest:g} output steps) or epsilon ({eps_steps} grid steps)"
+        raise HyqError(f"a norm's gain or offset ({float(largest):g} output steps) or epsilon ({eps_steps} grid steps)"
                        " is too large for the integer norm")
-    gain, offset = (np.floor(r * 2.0 ** shift + 0.5).astype(np.int64) for r in ratio)
+    gain, offset = (np.array([_nearest(v * (1 << shift)) for v in r], np.int64) for r in ratio)
     return NormParams(multiplier, eps_steps, gain, offset, shift)
 
 
@@ -151,9 +159,10 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     gv = ctx.kernel(key, lambda: norm_primfunc(*key[1:]))
     arrays = [z_in.astype(np.int32), params.multiplier, params.gain, params.offset, z_o.astype(np.int32),
               np.array([params.eps], np.int64)]
+    real = RealParams((x.scale,), args=(float(call.attrs.epsilon),), gamma=gamma, beta=beta)
     ctx.record(root, m[_INPUT], "norm", {"params": params, "reduce_axes": reduce_axes}, (x.data,), None,
                (x.zero_point,), bias=None, acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale,
-               out_zero_point=out.zero_point, out_dtype=out_dtype)
+               out_zero_point=out.zero_point, out_dtype=out_dtype, real=real)
     return relax.call_tir(gv, [x.data, *consts(arrays)], relax.TensorType(shape, out_dtype))
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import HyqError
-from ..requant import check_range, fixed_point_multiplier, requantize, rounding_term, shifts
+from ..requant import check_range, exact_ratio, fixed_point_multiplier, requantize, rounding_term, shifts
 from .kernel import placeholder, saturated
 from .operand import along
 
 
 def requant_params(acc_scale, s_o, z_o, bias, acc_bound, where: str) -> list[np.ndarray]:
-    """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32), one per channel; a HyqError naming
+    """The requantization arrays q, ls, rs (int32), c (int64) and zp (int32), one per channel, from the exact ratio
+    acc_scale / s_o and the bias in accumulator steps (floats or exact Fractions); a HyqError naming
     `where` if they cannot be formed or an accumulator up to acc_bound (int64, () or per channel) could overflow
     them (requant.check_range)."""
     try:
-        q, shift = fixed_point_multiplier(np.asarray(acc_scale, np.float64) / s_o)
+        q, shift = fixed_point_multiplier(exact_ratio(acc_scale, s_o))
         c = rounding_term(q, shift, 0.0 if bias is None else bias)
         check_range(acc_bound, q, shift, c)
     except HyqError as err:
@@ -42,10 +43,9 @@ def requantized(x, q, ls, rs, c, zp, ch, left_shift: bool, out_dtype: str):
 
 def requantize_acc(acc: np.ndarray, acc_scale, out_scale, out_zero_point, axis: int,
                    out_dtype: str = "int8", bias=0.0) -> np.ndarray:
-    """acc + bias (scale acc_scale; bias real, per channel) requantized to (out_scale, out_zero_point)
-    with the Q31 fixed-point rule of requant.py."""
-    multiplier = np.asarray(acc_scale, np.float64) / np.asarray(out_scale, np.float64)
-    q, shift = fixed_point_multiplier(multiplier)
+    """acc + bias (scale acc_scale; bias in accumulator steps, floats or Fractions, per channel) requantized to
+    (out_scale, out_zero_point) with the Q31 fixed-point rule of requant.py."""
+    q, shift = fixed_point_multiplier(exact_ratio(acc_scale, out_scale))
     info = np.iinfo(out_dtype)
     ndim = acc.ndim
     return requantize(acc, along(q, axis, ndim), along(shift, axis, ndim), along(out_zero_point, axis, ndim),

@@ -27,7 +27,7 @@ from .operand import (
     per_channel,
     shape_of,
 )
-from .rule import Context, IntegerLayer, Rule
+from .rule import Context, IntegerLayer, RealParams, Rule
 
 _A = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
 _B = is_op("relax.dequantize")(wildcard(), is_const(), is_const())
@@ -120,7 +120,7 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     ctx.record(root, fields[0], "add" if add is not None else "concat", {"scales": [o.scale for o in ins], "dim": dim},
                tuple(o.data for o in ins), None, tuple(o.zero_point for o in ins), bias=None,
                acc_scale=np.float64(1.0), axis=axis, out_scale=out.scale, out_zero_point=out.zero_point,
-               out_dtype=out_dtype)
+               out_dtype=out_dtype, real=RealParams(tuple(o.scale for o in ins)))
     return pieces[0] if add is not None else relax.op.concat(pieces, axis=dim)
 
 

@@ -16,8 +16,25 @@ from ..importer import marked_layer
 
 
 @dataclass(frozen=True)
+class RealParams:
+    """A layer's numbers as its QDQ graph (the plan, through annotate) states them, before any integer rounding:
+    what the independent reference (reference.py) derives its own multipliers, tables and grids from."""
+
+    scales: tuple[np.ndarray, ...]          # float64 dequantize scale of each integer input, () or per channel
+                                            # (conv2d: per input channel; the others: along the layer's axis)
+    weight_scale: np.ndarray | None = None  # float64, () or per output channel
+    bias: np.ndarray | None = None          # float64 constant added to a conv2d / matmul (real units), () or (C,)
+    function: str | None = None             # the op before the quantize: "relu" / "clip" after a conv2d /
+                                            # matmul, the Relax op name of a lookup
+    args: tuple[float, ...] = ()            # its real arguments: clip (min, max), leakyrelu (alpha,); norm (epsilon,)
+    gamma: np.ndarray | None = None         # norm: float64 (C,)
+    beta: np.ndarray | None = None          # norm: float64 (C,)
+
+
+@dataclass(frozen=True)
 class IntegerLayer:
-    """One rewritten op of `main`: what its rule's reference needs to recompute its result bit for bit.
+    """One rewritten op of `main`: what its rule's reference needs to recompute its result bit for bit, and
+    (`real`) what the independent reference needs to derive it again from the plan's numbers.
 
     `inputs` and `result` are Relax vars of the integerized function. An op whose output is both
     requantized and used in float (a residual) has one record per result.
@@ -32,7 +49,7 @@ class IntegerLayer:
     inputs: tuple[relax.Var, ...]
     weight: np.ndarray | None
     zero_points: tuple[np.ndarray, ...]
-    bias: np.ndarray | None   # float64 bias in accumulator steps (bias / acc_scale), () or (C,) along axis
+    bias: np.ndarray | None   # exact bias in accumulator steps (Fractions: bias / acc_scale), () or (C,) along axis
     acc_scale: np.ndarray     # float64, () or (C,) along axis
     axis: int                 # non-negative channel axis of the result
     out_scale: np.ndarray | None
@@ -40,6 +57,7 @@ class IntegerLayer:
     out_dtype: str
     result: relax.Var
     clamp: tuple[np.ndarray, np.ndarray] | None = None  # int64 (low, high) of a ReLU / clip after requantization
+    real: RealParams | None = None  # the real numbers the integer constants above were derived from
 
     def reference(self, values: dict[relax.Var, np.ndarray]) -> np.ndarray:
         """The result recomputed by the rule's numpy reference from the integer inputs in `values`."""

@@ -2,6 +2,9 @@
 becomes exp from a 256-entry Q30 table, Q30 probabilities, requantized. Other softmaxes stay float islands."""
 from __future__ import annotations
 
+import decimal
+from decimal import Decimal
+
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
@@ -14,7 +17,7 @@ from .requantize import (
     requantize_acc,
     requantized,
 )
-from .rule import Context, IntegerLayer, Rule
+from .rule import Context, IntegerLayer, RealParams, Rule
 
 PROB_BITS = 30  # softmax probabilities and exp table entries are Q30 integers
 
@@ -24,9 +27,12 @@ PATTERN = is_op("relax.quantize")(_SOFTMAX, is_const(), is_const())
 
 
 def softmax_table(scale: float) -> np.ndarray:
-    """int32 table[d] = round(exp(-scale * d) * 2^30) for d = 0 .. 255: exp of an int8 input below its maximum."""
-    d = np.arange(256, dtype=np.float64)
-    return np.floor(np.exp(-float(scale) * d) * 2.0 ** PROB_BITS + 0.5).astype(np.int32)
+    """int32 table[d] = floor(exp(-scale * d) * 2^30 + 1/2) for d = 0 .. 255: exp of an int8 input below its
+    maximum, to 60 decimal digits (float64 rounded some entries onto the half and then up)."""
+    with decimal.localcontext(prec=60):
+        s, half = Decimal(float(scale)), Decimal(1) / 2
+        return np.array([int(((-s * d).exp() * (1 << PROB_BITS) + half).to_integral_value(decimal.ROUND_FLOOR))
+                         for d in range(256)], np.int32)
 
 
 def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtype: str = "int8"):
@@ -77,7 +83,8 @@ def rewrite(ctx: Context, root: relax.Call, m: dict) -> relax.Expr:
     gv = ctx.kernel(key, lambda: softmax_primfunc(shape, *key[2:]))
     table = softmax_table(float(s_in))
     ctx.record(root, dq, "softmax", {"table": table}, (x.data,), None, (uniform(x.zero_point),), bias=None,
-               acc_scale=acc_scale, axis=out.axis, out_scale=s_o, out_zero_point=z_o, out_dtype=out_dtype)
+               acc_scale=acc_scale, axis=out.axis, out_scale=s_o, out_zero_point=z_o, out_dtype=out_dtype,
+               real=RealParams((s_in,)))
     return relax.call_tir(gv, [x.data, *consts([table, *params])], relax.TensorType(shape, out_dtype))
 
 
