@@ -215,14 +215,27 @@ def _schedule_reduction(sch: s_tir.Schedule, block, lanes: int):
     return fused
 
 
+def _uses(expr: tirx.PrimExpr, var: tirx.Var) -> bool:
+    found = [False]
+    tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: found.__setitem__(0, found[0] or v.same_as(var)) or v)])
+    return found[0]
+
+
 def _follow_reduction(sch: s_tir.Schedule, block, anchor, lanes: int) -> bool:
     """Compute a reduction inside the tile loop `anchor` of the reduction before it (a softmax's sum in the tile of
     its max: the rows stay in cache), its reduction loops unchanged and outside the vectorized spatial loop, so
-    that each output is still summed in the same order; whether it could."""
+    that each output is still summed in the same order; whether it could (not where a tile holds only part of
+    what one output sums)."""
+    trial = sch.copy()
     try:
-        sch.reverse_compute_at(block, anchor)
+        trial.reverse_compute_at(block, anchor)
     except s_tir.schedule.ScheduleError:
         return False
+    tile = trial.get(anchor).loop_var
+    for iv, value in zip(trial.get(block).iter_vars, _SBLOCK_REALIZE(trial, block).iter_values):
+        if iv.iter_type == tirx.IterVar.CommReduce and _uses(value, tile):
+            return False
+    sch.reverse_compute_at(block, anchor)
     loops = sch.get_loops(block)
     inner = loops[next(i for i, l in enumerate(loops) if sch.get(l).same_as(sch.get(anchor))) + 1:]
     reduced = set()   # loop variables bound to the block's reduction iterators
