@@ -61,3 +61,13 @@ def test_quantize_multiplies_by_the_reciprocal_of_the_scale():
                                                                  relax.const(np.int8(-2)), out_dtype="int8"))
     want = np.clip(np.round(x * (np.float32(1) / np.float32(0.05))) - 2, -128, 127).astype(np.int8)
     np.testing.assert_array_equal(_run(mod, x), want)
+
+
+def test_products_feeding_adds_are_fused_multiply_adds_on_every_target():
+    mod = _unary((8, 64), "float32", relax.op.nn.gelu)
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), relax.get_pipeline("default"),
+                                      portable.fuse_multiply_add])(mod)
+    assert portable.FMA in fused.script()
+    assert "vfmadd" in build(mod, HOST).mod.imports[0].inspect_source("asm")
+    arm = build(mod, load_target("rasp4b").tvm_target()).mod.imports[0].inspect_source("asm")
+    assert "fmla" in arm or "fmadd" in arm

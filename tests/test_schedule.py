@@ -37,8 +37,8 @@ def _run(executable, x):
 
 
 def _unscheduled(mod):
-    """TVM's plain default lowering with the portable legalizations and fences: the reference build."""
-    passes = [relax.transform.LegalizeOps(portable.LEGALIZE), relax.get_pipeline("default"), portable.fence_contraction]
+    """TVM's plain default lowering with the portable legalizations and explicit FMAs: the reference build."""
+    passes = [relax.transform.LegalizeOps(portable.LEGALIZE), relax.get_pipeline("default"), portable.fuse_multiply_add]
     return tvm.compile(mod, target=HOST, relax_pipeline=tvm.transform.Sequential(passes))
 
 

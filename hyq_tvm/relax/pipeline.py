@@ -1,7 +1,7 @@
 """The compiler's stages as TVM passes: a QuantPlan lowered to an integer Relax module, then built.
 
     lower(plan) = Sequential([ImportPlan, Annotate, Integerize])(empty module)
-    build(mod, target) = Sequential([PackWeights, fusion, default schedule, TVM's lowering, fenced products])
+    build(mod, target) = Sequential([PackWeights, fusion, default schedule, TVM's lowering, explicit FMAs])
     build(mod, target, schedules) = the same with the tuned kernels of a MetaSchedule database (tuning.py)
                                     scheduled from it between fusion and the default schedule
 

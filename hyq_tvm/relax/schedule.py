@@ -5,7 +5,7 @@ TVM 0.27's default pipeline lowers every operator to its own plain loop nest. `b
 elementwise producers inlined, the outer loops parallel, the innermost spatial loop vectorized by the
 target's vector width. Reductions keep their own loop order: only spatial loops move inside them, so each
 output is still summed in the same order and float results do not depend on the target's vector width.
-`portable.fence_contraction` stays the last step.
+`portable.fuse_multiply_add` stays the last step.
 """
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def fusion() -> tvm.transform.Pass:
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """Portable legalizations, fusion, a default schedule for `target`, TVM's default lowering, and the
-    fenced float products last."""
+    explicit fused multiply-adds last."""
     return tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), fusion(),
                                      schedule_pass(target), relax.get_pipeline("default"),
-                                     portable.fence_contraction])
+                                     portable.fuse_multiply_add])
