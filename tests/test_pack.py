@@ -46,6 +46,33 @@ CASES = [_matmul(), _matmul((2, 6, 20)), _matmul((7, 36)), _matmul((2, 6, 300)),
          _conv((3, 2), strides=(1, 2), padding=(1, 0, 2, 1), dilation=(2, 1))]
 
 
+def _activations(batch, m, k, n):
+    def case():
+        bb = relax.BlockBuilder()
+        a = relax.Var("a", relax.TensorType((*batch, m, k), "int8"))
+        b = relax.Var("b", relax.TensorType((*batch, k, n), "int8"))
+        with bb.function("main", [a, b]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.matmul(a, b, out_dtype="int32")))
+            bb.emit_func_output(out)
+        return bb.get()
+    return case
+
+
+@pytest.mark.skipif(pack.dot_for(HOST) is None, reason="host has no AVX-512 VNNI / NEON")
+@pytest.mark.parametrize("case", [_activations((2, 3), 32, 16, 40), _activations((2,), 16, 18, 16),
+                                  _activations((), 24, 7, 33)])
+def test_activation_matmul_is_exact_and_uses_the_dot_instruction(case):
+    mod = case()
+    assert [gv for gv in pack.pack_weights(HOST)(mod).get_global_vars() if gv.name_hint.startswith("hyq_matmul")]
+    ex = build(mod, HOST)
+    a, b = (RNG.integers(-128, 128, [int(d) for d in p.ty.shape], dtype=np.int8) for p in mod["main"].params)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_array_equal(got, np.matmul(a.astype(np.int32), b.astype(np.int32)))
+    if pack.dot_for(HOST) is pack.VNNI:
+        assert "vpdpbusd" in _asm(ex)
+
+
 def _asm(executable) -> str:
     return executable.mod.imports[0].inspect_source("asm")
 
@@ -76,9 +103,10 @@ def test_packed_gemm_is_exact_and_uses_the_dot_instruction(case):
         assert "vpdpbusd" in _asm(ex)
 
 
-@pytest.mark.parametrize("case", [_matmul(), _conv((3, 3), padding=1)])
+@pytest.mark.parametrize("case", [_matmul(), _conv((3, 3), padding=1), _activations((2,), 16, 16, 16)])
 def test_aarch64_cross_build_uses_the_board_dot_products(case):
-    mod, _, _ = case()
+    mod = case()
+    mod = mod[0] if isinstance(mod, tuple) else mod
     vector_smull = re.compile(r"\bsmull2?\s+v\d+")
     asm = _asm(build(mod, load_target("rasp4b").tvm_target()))   # Cortex-A72: Armv8.0, no dot product
     assert vector_smull.search(asm) and ("sadalp" in asm or "saddlp" in asm) and "sdot" not in asm

@@ -159,16 +159,18 @@ def _operand(dot: Dot) -> tuple[int, str]:
     return (128, "uint8") if dot.shift else (0, "int8")
 
 
-def _annotated(func: tvm.tirx.PrimFunc, layout: str, dot: Dot, out_w: int = 0, aligned: bool = True) -> tvm.tirx.PrimFunc:
+def _annotated(func: tvm.tirx.PrimFunc, layout: str, dot: Dot, staged: dict[str, str], out_w: int = 0,
+               aligned: bool = True) -> tvm.tirx.PrimFunc:
     """The kernel with its accumulation block marked PACKED (layout, instruction, output width, whether a tile's
-    output is whole rows or part of one) and its operand blocks STAGED, fusable with the elementwise operations
-    after it (op_pattern 4: kOutEWiseFusable)."""
+    output is whole rows or part of one) and its operand blocks STAGED (block name -> "pad", "rows": (..., k) or
+    "lanes": (..., k / 4, lanes, 4)), fusable with the elementwise operations after it (op_pattern 4:
+    kOutEWiseFusable)."""
     sch = s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     sch.annotate(acc, PACKED, f"{layout}:{dot.intrin}:{out_w}:{int(aligned)}")
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).name_hint in ("pad", "a_in"):
-            sch.annotate(block, STAGED, 1)
+        if sch.get(block).name_hint in staged:
+            sch.annotate(block, STAGED, staged[sch.get(block).name_hint])
     return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", 4)
 
 
@@ -223,7 +225,8 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
         out = te.compute(dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
                          name="out")
         aligned = rows[-1] % _row_tile(m, kp) == 0   # a tile of rows lies within one run of the last dimension
-    return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, aligned=aligned)
+    return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, {"pad": "pad", "a_in": "rows"},
+                      aligned=aligned)
 
 
 def pack_rows(weight: np.ndarray) -> np.ndarray:
@@ -257,25 +260,58 @@ def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
     ow = window.out_hw[1]
     out = te.compute(dims(1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
     aligned = m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0)   # a tile: whole rows or part of one
-    return _annotated(te.create_prim_func([a, w, offset, out]), "lanes", dot, ow if mp == m else 0, aligned)
+    return _annotated(te.create_prim_func([a, w, offset, out]), "lanes", dot, {"pad": "pad", "a_in": "lanes"},
+                      ow if mp == m else 0, aligned)
+
+
+def matmul_gemm(batch: tuple[int, ...], m: int, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
+    """out[..., i, j] = sum_k a[..., i, k] * b[..., k, j] (int8 -> int32) for two activations: b copied at run
+    time into the instruction's lanes layout (j in the lanes, groups of 4 k), a broadcast 4 values at a time
+    (scheduled by `schedule_packed`), plus offset[..., j]: where the instruction takes a as uint8, a enters as
+    a + 128 and the offset is -128 * the sum of column j of b (else zero)."""
+    lanes = dot.lanes
+    kp, np_ = -(-k // 4) * 4, -(-n // lanes) * lanes
+    a = te.placeholder(dims(*batch, m, k), "int8", "a")
+    b = te.placeholder(dims(*batch, k, n), "int8", "b")
+    zero, operand = _operand(dot)
+    plain = not dot.shift and k == kp
+    a_in = a if plain else te.compute(dims(*batch, m, kp), lambda *i: te.if_then_else(
+        i[-1] < k, (a[i].astype("int32") + zero).astype(operand), tvm.tirx.const(zero, operand)), name="a_in")
+
+    def load(*index):   # (*batch, k / 4, j, k % 4)
+        *g, r4, j, q = index
+        inside = [cond for cond, needed in ((r4 * 4 + q < k, kp > k), (j < n, np_ > n)) if needed]
+        value = b[(*g, r4 * 4 + q, j)]
+        return te.if_then_else(tvm.tirx.all(*inside), value, tvm.tirx.const(0, "int8")) if inside else value
+    b_in = te.compute(dims(*batch, kp // 4, np_, 4), load, name="b_in")
+    r = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kp)), "r")
+    acc = te.compute(dims(*batch, m, np_), lambda *i: te.sum(
+        a_in[(*i[:-1], r)].astype("int32") * b_in[(*i[:-2], r // 4, i[-1], r % 4)].astype("int32"), axis=r),
+        name="acc")
+    offset = te.placeholder(dims(*batch, n), "int32", "offset")
+    out = te.compute(dims(*batch, m, n), lambda *i: acc[i] + offset[(*i[:-2], i[-1])], name="out")
+    aligned = m % _row_tile(m, kp) == 0 and n % lanes == 0
+    staged = {"a_in": "rows", "b_in": "lanes"}
+    return _annotated(te.create_prim_func([a, b, offset, out]), "rows", dot, staged, 0, aligned)
 
 
 def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
-    """Vectorize the padding and im2col blocks that feed the accumulation block `acc` (ow: the output width when
+    """Vectorize the padding and operand blocks that feed the accumulation block `acc` (ow: the output width when
     the im2col block is read row by row, else 0)."""
     for block in sch.get_producers(acc):
         stmt = sch.get(block)
         if STAGED not in stmt.annotations:
             continue
         for producer in sch.get_producers(block):
-            if sch.get(producer).name_hint.startswith("pad") and STAGED in sch.get(producer).annotations:
+            if sch.get(producer).annotations.get(STAGED) == "pad":
                 loops = sch.get_loops(producer)
                 sch.vectorize(sch.split(loops[-1], [None, _factor(_extent(sch, loops[-1]), lanes)])[1])
         loops = sch.get_loops(block)
-        if len(loops) == 2:   # rows: (pixel, k)
+        if stmt.annotations[STAGED] == "rows":   # (..., k)
             sch.vectorize(sch.split(sch.fuse(*loops), [None, 4])[1])
             continue
-        r4, i, q = loops       # lanes: (k / 4, pixel, 4)
+        *batch, r4, i, q = loops       # lanes: (k / 4, pixel or column, 4), a matmul's batch in front
+        r4 = sch.fuse(*batch, r4) if batch else r4
         if _extent(sch, r4) * _extent(sch, i) * 4 >= PARALLEL_MIN * lanes:   # in vectors
             sch.parallel(r4)
         if ow:                 # row by row, the 4 channels of a group unrolled: LLVM interleaves them
@@ -293,13 +329,13 @@ def schedule_packed(sch: s_tir.Schedule, acc) -> tuple[object, Callable | None, 
     dot = DOTS[intrin]
     _schedule_staged(sch, acc, dot.lanes, int(out_w))
     # rows: acc[pixel or row, n], tiles of ROWS rows x lanes of n; lanes: acc[n, pixel], ROWS of n x lanes of pixels
-    rows, cols, r = sch.get_loops(acc)
-    work = _extent(sch, rows) * _extent(sch, cols) * _extent(sch, r)
+    *batch, rows, cols, r = sch.get_loops(acc)   # a matmul's batch loops in front
+    work = math.prod(_extent(sch, loop) for loop in (*batch, rows, cols, r))
     row_o, row_i = sch.split(rows, [None, _row_tile(_extent(sch, rows), _extent(sch, r))])
     col_o, col_i = sch.split(cols, [None, dot.lanes])
     k_o, k_i = sch.split(r, [None, 4])
-    sch.reorder(row_o, col_o, k_o, row_i, col_i, k_i)
-    outer = sch.fuse(row_o, col_o)
+    sch.reorder(*batch, row_o, col_o, k_o, row_i, col_i, k_i)
+    outer = sch.fuse(*batch, row_o, col_o)
     if work // (dot.lanes * 4) >= PARALLEL_MIN:   # in dot-product instructions, each lanes x 4 multiply-adds
         sch.parallel(outer)
     sch.unroll(row_i)
@@ -362,8 +398,10 @@ class _Packer(relax.PyExprMutator):
             return call
         x, weight = call.args[0], _const_int8(call.args[1])
         attrs, name = call.attrs, call.op.name
-        if weight is None or str(getattr(attrs, "out_dtype", "")) != "int32":
+        if str(getattr(attrs, "out_dtype", "")) != "int32":
             return call
+        if weight is None:
+            return self._matmul(x, call.args[1]) if name == "relax.matmul" and self.dot else call
         shape = [int(d) for d in x.ty.shape]
         if name == "relax.matmul" and weight.ndim == 2 and len(shape) >= 2 and self.dot:
             return self._gemm(x, weight)
@@ -378,6 +416,24 @@ class _Packer(relax.PyExprMutator):
         if int(attrs.groups) == shape[1] == weight.shape[0] and depthwise.suits(window, self.lanes):
             return self._depthwise(x, weight, window)
         return call
+
+    def _matmul(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+        """call_tir of the packed GEMM of two int8 activations (..., M, K) x (..., K, N) with equal batch shapes,
+        or the matmul unchanged."""
+        if not _int8(b) or len(a.ty.shape) < 2 or len(a.ty.shape) != len(b.ty.shape):
+            return relax.op.matmul(a, b, out_dtype="int32")
+        *batch, m, k = (int(d) for d in a.ty.shape)
+        *batch_b, _, n = (int(d) for d in b.ty.shape)
+        if batch != batch_b or m * n < self.dot.lanes * _row_tile(m, k):
+            return relax.op.matmul(a, b, out_dtype="int32")
+        kernel = self._kernel(("matmul", tuple(batch), m, k, n), lambda: matmul_gemm(tuple(batch), m, k, n, self.dot),
+                              f"hyq_matmul_{math.prod(batch) * m}x{k}x{n}")
+        if self.dot.shift:   # -128 * the column sums of b, computed at run time
+            offset = self.builder_.emit(relax.op.multiply(relax.op.sum(relax.op.astype(b, "int32"), axis=[-2]),
+                                                          relax.const(-128, "int32")))
+        else:
+            offset = relax.const(np.zeros((*batch, n), np.int32))
+        return relax.call_tir(kernel, [a, b, offset], relax.TensorType((*batch, m, n), "int32"))
 
     def _depthwise(self, a: relax.Expr, weight: np.ndarray, window: Window) -> relax.Expr:
         """The depthwise convolution of the image `a` by the (C, 1, kh, kw) `weight` through `window`."""

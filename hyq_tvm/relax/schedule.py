@@ -226,6 +226,9 @@ def _follow_reduction(sch: s_tir.Schedule, block, anchor, lanes: int) -> bool:
     its max: the rows stay in cache), its reduction loops unchanged and outside the vectorized spatial loop, so
     that each output is still summed in the same order; whether it could (not where a tile holds only part of
     what one output sums)."""
+    tile_loop = sch.get(anchor)
+    if not any(any(sch.get(l).same_as(tile_loop) for l in sch.get_loops(p)) for p in sch.get_producers(block)):
+        return False   # it reads nothing the tile computes
     trial = sch.copy()
     try:
         trial.reverse_compute_at(block, anchor)
