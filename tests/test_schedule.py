@@ -74,3 +74,21 @@ def test_rows_narrower_than_the_vector_are_vectorized_together():
                                     schedule.schedule_pass(HOST)])(bb.get())
     lanes = schedule.int32_lanes(HOST)
     assert lanes > 4 and f"T.vectorized(T.int64({lanes}))" in mod.script()   # 4x4 rows, all lanes used
+
+
+def test_interpolation_stays_out_of_the_math_function_after_it():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 7, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            up = bb.emit(relax.op.image.resize2d(x, (14, 14), method="linear",
+                                                 coordinate_transformation_mode="half_pixel"))
+            out = bb.emit_output(bb.emit(relax.op.nn.gelu(up)))
+        bb.emit_func_output(out)
+    mod = tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), schedule.fusion(),
+                                    schedule.schedule_pass(HOST)])(bb.get())
+    script = mod.script()
+    assert "resize_intermediate" in script          # the gather written once, not recomputed lane by lane
+    assert "T.unroll(T.int64(14))" in script        # each column's indices and weights constants
+    lanes = schedule.int32_lanes(HOST)
+    assert f"T.vectorized(T.int64({lanes}))" in script   # the GELU on whole vectors

@@ -261,7 +261,7 @@ def conv_gemm(window: Window, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
     out = te.compute(dims(1, n, *window.out_hw), lambda _, j, y, x: acc[j, y * ow + x] + offset[j], name="out")
     aligned = m % lanes == 0 and (ow % lanes == 0 or lanes % ow == 0)   # a tile: whole rows or part of one
     return _annotated(te.create_prim_func([a, w, offset, out]), "lanes", dot, {"pad": "pad", "a_in": "lanes"},
-                      ow if mp == m else 0, aligned)
+                      ow, aligned)
 
 
 def matmul_gemm(batch: tuple[int, ...], m: int, k: int, n: int, dot: Dot) -> tvm.tirx.PrimFunc:
@@ -296,8 +296,8 @@ def matmul_gemm(batch: tuple[int, ...], m: int, k: int, n: int, dot: Dot) -> tvm
 
 
 def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
-    """Vectorize the padding and operand blocks that feed the accumulation block `acc` (ow: the output width when
-    the im2col block is read row by row, else 0)."""
+    """Vectorize the padding and operand blocks that feed the accumulation block `acc` (ow: a convolution's output
+    width, its im2col block filled row by row, the window's indices computed once per row; 0 for a matmul)."""
     for block in sch.get_producers(acc):
         stmt = sch.get(block)
         if STAGED not in stmt.annotations:
@@ -314,7 +314,8 @@ def _schedule_staged(sch: s_tir.Schedule, acc, lanes: int, ow: int) -> None:
         r4 = sch.fuse(*batch, r4) if batch else r4
         if _extent(sch, r4) * _extent(sch, i) * 4 >= PARALLEL_MIN * lanes:   # in vectors
             sch.parallel(r4)
-        if ow:                 # row by row, the 4 channels of a group unrolled: LLVM interleaves them
+        if ow:                 # row by row (the last one partial where pixels are padded to the lanes), the 4
+            # values of a group unrolled: LLVM interleaves them
             sch.split(i, [None, ow])
             sch.unroll(q)
         else:

@@ -23,6 +23,7 @@ from . import portable
 _SBLOCK_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 PARALLEL_MIN = 1 << 14   # multiply-adds or elements below which a loop nest stays on one thread
 ROW_TILE = 4             # output rows computed together in a reduction (register tile)
+UNROLL_GATHER = 32       # rows of a gather (an interpolation) at most this wide are unrolled
 COSTLY_FLOAT_OPS = 16    # float operations per element above which a block counts as a math function
 # schedules of blocks marked by an annotation (key): f(sch, block) -> (the loop its consumers may be computed at,
 # how a consumer is computed there (None: it may not), what completes the schedule once they are placed); blocks
@@ -182,6 +183,8 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
         # a gather, or a padded row whose width the vector does not divide: LLVM does far better with the plain
         # row loop (loads hoisted, bounds checks vectorized) than with lanes split out of it
         outer = loops[:-1]
+        if _gathers(sch.get(block)) and _extent(sch, loops[-1]) <= UNROLL_GATHER:
+            sch.unroll(loops[-1])   # each column's indices and weights constants
     else:
         outer = _vectorize_inner(sch, block, lanes)
     if outer:
