@@ -1,8 +1,8 @@
-"""Packaging beyond pyproject.toml: the top-level folders targets/ and native/ go into the wheel as
-hyq_tvm/_data/targets and hyq_tvm/_data/native (read through hyq_tvm.resources.data_dir)."""
+"""Packaging beyond pyproject.toml: the top-level folders targets/, native/ and schedules/ go into the wheel as
+hyq_tvm/_data/NAME (read through hyq_tvm.resources.data_dir)."""
 from setuptools import find_namespace_packages, setup
 
-DATA = {"targets": ["*.toml"], "native": ["*.c"]}
+DATA = {"targets": ["*.toml"], "native": ["*.c"], "schedules": ["*/*/*.json"]}
 
 setup(packages=find_namespace_packages(include=["hyq_tvm*"]) + [f"hyq_tvm._data.{d}" for d in DATA],
       package_dir={f"hyq_tvm._data.{d}": d for d in DATA},

@@ -20,6 +20,7 @@ from .quant.plan import QuantPlan
 from .relax.census import constant_bytes, op_census
 from .relax.pipeline import Lowered, build, lower
 from .relax.tuning import check_database, database_dir, has_database
+from .resources import data_dir
 from .targets import TargetSpec, load_target
 
 EMITS = ("tvm", "onnx")
@@ -63,12 +64,14 @@ def _graph_facts(lowered: Lowered, plan: QuantPlan) -> dict[str, Any]:
 
 def _schedules(plan: QuantPlan, target: str, schedules: str | Path | None) -> Path | None:
     """The tuning database folder to build with: `schedules` (HyqError if it holds none), or for AUTO
-    schedules/TARGET/MODEL-SIZE-wBaB when it holds one, else None."""
+    schedules/TARGET/MODEL-SIZE-wBaB when it holds one, in the working directory (a user's own tuning) or else
+    among the databases that ship with the package; else None."""
     if schedules != AUTO:
         return None if schedules is None else check_database(schedules)
     m, c = plan.model, plan.calibration
-    folder = database_dir(target, m["name"], m["img_size"], c["wbits"], c["abits"])
-    return folder if has_database(folder) else None
+    key = (target, m["name"], m["img_size"], c["wbits"], c["abits"])
+    return next((folder for folder in (database_dir(*key), database_dir(*key, root=data_dir("schedules")))
+                 if has_database(folder)), None)
 
 
 def check_target(target: str, schedules: str | Path | None = AUTO) -> TargetSpec:

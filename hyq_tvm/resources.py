@@ -1,7 +1,8 @@
-"""Data folders that ship with the package: targets/ (one TOML per board) and native/ (the QEMU plugin source).
+"""Data folders that ship with the package: targets/ (one TOML per board), native/ (the QEMU plugin source) and
+schedules/ (the committed tuning databases).
 
 In a checkout they are top-level folders of the repository; setup.py puts them into the wheel as
-hyq_tvm/_data/targets and hyq_tvm/_data/native, so an installed package finds them from any directory.
+hyq_tvm/_data/NAME, so an installed package finds them from any directory.
 """
 from __future__ import annotations
 

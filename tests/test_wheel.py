@@ -6,6 +6,7 @@ file instead of downloading them again.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from hyq_tvm.targets import known_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_BUILT = ("tests", ".venv", ".git", "__pycache__", "build", "*.egg-info", "runs", "artifacts", "reports",
-             "schedules", ".cache", ".pytest_cache")
+             ".cache", ".pytest_cache")
 
 
 def run(cmd, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -59,6 +60,8 @@ def test_the_installed_wheel_compiles_and_runs_device_commands_from_another_fold
     out = run([installed, "-m", "hyq_tvm.compile", "--plan", "plan.json", "--target", "host", "-o", "art"],
               tmp_path, env).stdout
     assert out.strip().endswith("for host -> art") and (tmp_path / "art" / "model.so").is_file()
+    schedules = json.loads((tmp_path / "art" / "metadata.json").read_text())["schedules"]
+    assert schedules.endswith("_data/schedules/host/mobilevit_xxs-64-w8a8")   # the database the wheel ships
 
     boards = run([installed, "-m", "hyq_tvm.device", "boards"], tmp_path, env).stdout
     assert [line.split()[0] for line in boards.splitlines()] == list(BOARDS)
