@@ -7,6 +7,8 @@ import pytest
 import tvm
 from tvm import relax
 
+from relax_modules import with_weight
+
 from hyq_tvm.relax import depthwise, pack, schedule
 from hyq_tvm.relax.integer.gemm import conv2d
 from hyq_tvm.relax.pipeline import build
@@ -16,16 +18,6 @@ from hyq_tvm.targets import load_target
 RNG = np.random.default_rng(1)
 HOST = load_target("host").tvm_target()
 LANES = schedule.int32_lanes(HOST)
-
-
-def _module(x_shape, weight, op):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(x_shape, "int8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(op(x, relax.const(weight))))
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 def _kernels(mod) -> list[str]:
@@ -44,7 +36,7 @@ CASES = [   # (C, H, W), kernel, conv2d attributes
 def test_depthwise_kernel_is_exact(shape, kernel, attrs):
     c = shape[0]
     w = RNG.integers(-128, 128, (c, 1, *kernel), dtype=np.int8)
-    mod = _module((1, *shape), w, lambda x, k: relax.op.nn.conv2d(x, k, groups=c, out_dtype="int32", **attrs))
+    mod = with_weight((1, *shape), w, lambda x, k: relax.op.nn.conv2d(x, k, groups=c, out_dtype="int32", **attrs))
     assert _kernels(pack.pack_weights(HOST)(mod))
     x = RNG.integers(-128, 128, (1, *shape), dtype=np.int8)
     got = relax.VirtualMachine(build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
@@ -80,7 +72,7 @@ def test_fused_with_its_epilogue_and_exact():
         acc = relax.op.nn.conv2d(x, k, padding=1, groups=c, out_dtype="int32")
         y = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
         return relax.op.quantize(y, relax.const(0.05, "float32"), relax.const(3, "int8"), axis=1)
-    mod = _module((1, c, 7, 7), w, requantize)
+    mod = with_weight((1, c, 7, 7), w, requantize)
     fused = tvm.transform.Sequential([pack.pack_weights(HOST), relax.transform.LegalizeOps(),
                                       schedule.fusion(), schedule.schedule_pass(HOST)])(mod)
     funcs = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -97,7 +89,7 @@ def test_aarch64_build_takes_the_kernel(board):
     target = load_target(board).tvm_target()
     c = 4 * schedule.int32_lanes(target)
     w = RNG.integers(-128, 128, (c, 1, 3, 3), dtype=np.int8)
-    mod = _module((1, c, 7, 7), w, lambda x, k: relax.op.nn.conv2d(x, k, padding=1, groups=c, out_dtype="int32"))
+    mod = with_weight((1, c, 7, 7), w, lambda x, k: relax.op.nn.conv2d(x, k, padding=1, groups=c, out_dtype="int32"))
     assert _kernels(pack.pack_weights(target)(mod))
     asm = build(mod, target).mod.imports[0].inspect_source("asm")
     assert re.search(r"\bsmlal\s+v\d+\.4s", asm)   # one vector of channels: widening multiply-adds

@@ -6,6 +6,8 @@ import pytest
 import tvm
 from tvm import relax
 
+from relax_modules import with_weight
+
 from hyq_tvm.relax import pack, schedule
 from hyq_tvm.relax.integer.gemm import conv2d
 from hyq_tvm.relax.pipeline import build
@@ -15,20 +17,10 @@ RNG = np.random.default_rng(0)
 HOST = load_target("host").tvm_target()
 
 
-def _module(x_shape, weight, op):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(x_shape, "int8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(op(x, relax.const(weight))))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def _matmul(shape=(4, 16, 36)):
     def case():
         w = RNG.integers(-128, 128, (shape[-1], 40), dtype=np.int8)
-        return _module(shape, w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w, {}
+        return with_weight(shape, w, lambda x, c: relax.op.matmul(x, c, out_dtype="int32")), w, {}
     return case
 
 
@@ -36,7 +28,7 @@ def _conv(kernel=(1, 1), **attrs):
     def case():
         w = RNG.integers(-128, 128, (20, 6, *kernel), dtype=np.int8)
         conv = lambda x, c: relax.op.nn.conv2d(x, c, out_dtype="int32", **attrs)   # noqa: E731
-        return _module((1, 6, 9, 8), w, conv), w, attrs
+        return with_weight((1, 6, 9, 8), w, conv), w, attrs
     return case
 
 
@@ -131,7 +123,7 @@ def test_packed_kernel_fuses_with_its_epilogue_and_stays_exact():
         acc = relax.op.nn.conv2d(x, c, padding=1, out_dtype="int32")
         y = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
         return relax.op.quantize(y, relax.const(0.05, "float32"), relax.const(3, "int8"), axis=1)
-    mod = _module((1, 8, 8, 8), w, requantize)
+    mod = with_weight((1, 8, 8, 8), w, requantize)
     fused = tvm.transform.Sequential([pack.pack_weights(HOST), relax.transform.LegalizeOps(),
                                       schedule.fusion(), schedule.schedule_pass(HOST)])(mod)
     funcs = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]

@@ -3,6 +3,8 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from relax_modules import one_op
+
 from hyq_tvm.relax import portable
 from hyq_tvm.relax.pipeline import build
 from hyq_tvm.targets import load_target
@@ -14,16 +16,6 @@ HOST = load_target("host").tvm_target()
 def _run(mod, *args):
     vm = relax.VirtualMachine(build(mod, HOST), tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
-
-
-def _unary(shape, dtype, op):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(shape, dtype))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(op(x)))
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 def test_row_sum_takes_interleaved_partials_then_those_in_order():
@@ -45,7 +37,7 @@ def test_row_sum_takes_interleaved_partials_then_those_in_order():
 
 def test_softmax_is_close_to_numpy_and_sums_to_one():
     x = RNG.normal(size=(2, 5, 48)).astype(np.float32) * 4
-    got = _run(_unary(x.shape, "float32", lambda v: relax.op.nn.softmax(v, axis=-1)), x)
+    got = _run(one_op(x.shape, lambda v: relax.op.nn.softmax(v, axis=-1), dtype="float32"), x)
     e = np.exp(x - x.max(-1, keepdims=True))
     np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=2e-6, atol=1e-7)
 
@@ -53,18 +45,20 @@ def test_softmax_is_close_to_numpy_and_sums_to_one():
 def test_quantize_multiplies_by_the_reciprocal_of_the_scale():
     x = RNG.normal(size=(1, 3, 4, 5)).astype(np.float32) * 3
     scale, zero = np.array([0.02, 0.07, 0.013], np.float32), np.array([3, -5, 0], np.int8)
-    mod = _unary(x.shape, "float32", lambda v: relax.op.quantize(v, relax.const(scale), relax.const(zero), axis=1))
+    per_channel = lambda v: relax.op.quantize(v, relax.const(scale), relax.const(zero), axis=1)   # noqa: E731
+    mod = one_op(x.shape, per_channel, dtype="float32")
     inverse = (np.float32(1) / scale).reshape(1, 3, 1, 1)
     want = np.clip(np.round(x * inverse) + zero.reshape(1, 3, 1, 1), -128, 127).astype(np.int8)
     np.testing.assert_array_equal(_run(mod, x), want)
-    mod = _unary(x.shape, "float32", lambda v: relax.op.quantize(v, relax.const(np.float32(0.05)),
-                                                                 relax.const(np.int8(-2)), out_dtype="int8"))
+    quantize = lambda v: relax.op.quantize(v, relax.const(np.float32(0.05)), relax.const(np.int8(-2)),   # noqa: E731
+                                           out_dtype="int8")
+    mod = one_op(x.shape, quantize, dtype="float32")
     want = np.clip(np.round(x * (np.float32(1) / np.float32(0.05))) - 2, -128, 127).astype(np.int8)
     np.testing.assert_array_equal(_run(mod, x), want)
 
 
 def test_products_feeding_adds_are_fused_multiply_adds_on_every_target():
-    mod = _unary((8, 64), "float32", relax.op.nn.gelu)
+    mod = one_op((8, 64), relax.op.nn.gelu, dtype="float32")
     fused = tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), relax.get_pipeline("default"),
                                       portable.fuse_multiply_add])(mod)
     assert portable.FMA in fused.script()
