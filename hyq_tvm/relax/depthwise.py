@@ -17,13 +17,13 @@ from tvm import s_tir, te
 
 from . import schedule
 from .schedule import PARALLEL_MIN, _extent
-from .window import dims
+from .window import Window, dims
 
 DEPTHWISE = "hyq.depthwise"   # annotation of the accumulation block: the lanes
 
 
-def suits(window, lanes: int) -> bool:
-    """Whether the channel-lane kernel computes the depthwise convolution through `window` (a pack.Window) at all
+def suits(window: Window, lanes: int) -> bool:
+    """Whether the channel-lane kernel computes the depthwise convolution through `window` at all
     (channels: a multiple of the lanes) and better than vectorized rows (rows not a multiple of the lanes, or
     strided)."""
     return window.in_shape[0] % lanes == 0 and (window.out_hw[1] % lanes != 0 or window.strides[1] > 1)
@@ -35,9 +35,9 @@ def pack(weight: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(c // lanes, lanes, kh, kw).transpose(0, 2, 3, 1))
 
 
-def depthwise(window, lanes: int) -> tvm.tirx.PrimFunc:
+def depthwise(window: Window, lanes: int) -> tvm.tirx.PrimFunc:
     """out[0, c, y, x] = sum over the window of a[0, c, ...] * w[c, dy, dx] (int8 -> int32) for a (1, C, H, W)
-    image read through `window` (a pack.Window) and w packed by `pack`."""
+    image read through `window` and w packed by `pack`."""
     (c, h, w_), (kh, kw), (sh, sw), (dh, dw) = window.in_shape, window.kernel, window.strides, window.dilation
     top, left, bottom, right = window.padding
     oh, ow = window.out_hw

@@ -2,7 +2,9 @@
 
 `pack_weights(target)` rewrites relax.matmul (int8 activations x constant int8 (K, N) weight) and relax.nn.conv2d
 (batch 1, one group, NCHW / OIHW, int8 input, constant int8 weight; any kernel size, stride, dilation and zero
-padding), both with out_dtype int32, into call_tir of one scheduled, tensorized GEMM kernel per shape:
+padding), both with out_dtype int32, into call_tir of one scheduled, tensorized GEMM kernel per shape; a matmul
+of two int8 activations into a GEMM that packs its right operand at run time (`matmul_gemm`), and a depthwise
+conv2d into the channel-lane kernel of depthwise.py:
 - x86-64 with AVX-512 VNNI: vpdpbusd multiplies uint8 by int8. The activations enter as a + 128 (uint8)
   and the kernel adds -128 * the column sums of W back (exact). Weights packed (N/16, K/4, 16, 4).
 - aarch64: sdot where the target has +dotprod (Armv8.2, e.g. Cortex-A76), else smull + saddlp + addp (NEON,
@@ -402,7 +404,7 @@ class _Packer(relax.PyExprMutator):
         if str(getattr(attrs, "out_dtype", "")) != "int32":
             return call
         if weight is None:
-            return self._matmul(x, call.args[1]) if name == "relax.matmul" and self.dot else call
+            return self._matmul(call) if name == "relax.matmul" and self.dot else call
         shape = [int(d) for d in x.ty.shape]
         if name == "relax.matmul" and weight.ndim == 2 and len(shape) >= 2 and self.dot:
             return self._gemm(x, weight)
@@ -418,15 +420,16 @@ class _Packer(relax.PyExprMutator):
             return self._depthwise(x, weight, window)
         return call
 
-    def _matmul(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    def _matmul(self, call: relax.Call) -> relax.Expr:
         """call_tir of the packed GEMM of two int8 activations (..., M, K) x (..., K, N) with equal batch shapes,
-        or the matmul unchanged."""
+        or the matmul `call` unchanged."""
+        a, b = call.args
         if not _int8(b) or len(a.ty.shape) < 2 or len(a.ty.shape) != len(b.ty.shape):
-            return relax.op.matmul(a, b, out_dtype="int32")
+            return call
         *batch, m, k = (int(d) for d in a.ty.shape)
         *batch_b, _, n = (int(d) for d in b.ty.shape)
         if batch != batch_b or m * n < self.dot.lanes * _row_tile(m, k):
-            return relax.op.matmul(a, b, out_dtype="int32")
+            return call
         kernel = self._kernel(("matmul", tuple(batch), m, k, n), lambda: matmul_gemm(tuple(batch), m, k, n, self.dot),
                               f"hyq_matmul_{math.prod(batch) * m}x{k}x{n}")
         if self.dot.shift:   # -128 * the column sums of b, computed at run time

@@ -132,8 +132,9 @@ def _inline(sch: s_tir.Schedule) -> None:
         if KEEP in stmt.annotations or _is_reduction(sch, block):
             continue
         producers = [sch.get(p) for p in sch.get_producers(block)]
-        if any(_costly(p) for p in producers) if _PADDING in _calls(stmt) else (
-                _costly(stmt) and any(_gathers(p) for p in producers)):
+        padded = _PADDING in _calls(stmt)
+        if (padded and any(_costly(p) for p in producers)) or (
+                not padded and _costly(stmt) and any(_gathers(p) for p in producers)):
             continue   # a math function computed in padding, or next to a gather: lane by lane
         try:
             sch.reverse_compute_inline(block)
