@@ -44,6 +44,8 @@ def _marked_forward(name: str, layer: nn.Module):
         return lambda a, b: torch.matmul(mark(a, name, "input0"), mark(b, name, "input1"))
     if isinstance(layer, QuantAct) and layer.inner is not None:
         return lambda x: layer.inner(mark(x, name, "input0"))
+    if isinstance(layer, QuantAct) and layer.call is None:
+        return lambda x: mark(x, name, "input0")
     if isinstance(layer, QuantAct):
         func, rest, kwargs = layer.call
         return lambda x: func(mark(x, name, "input0"), *rest, **kwargs)

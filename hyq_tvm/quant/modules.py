@@ -4,7 +4,8 @@
 Linear in a QuantLayer and gives every attention module one QuantMatMul per activation-by-activation
 matmul it performs (q @ k^T, attn @ v), named `<attention>.matmul<i>` in call order. In full mode
 (paper's Table III) the inputs of LayerNorm / GroupNorm modules and of attention softmaxes
-(`<attention>.softmax<i>`) are quantized too (QuantAct); partial mode leaves them in float. A
+(`<attention>.softmax<i>`) are quantized too (QuantAct); partial mode leaves them in float. Integer mode is
+full mode plus a quantizer on every tensor between layers (tensors.py). A
 layer's name is the module path of the wrapped module in the timm model: the key of the QuantPlan.
 
 Arithmetic of a quantized conv / linear layer, exactly as the integer graph computes it:
@@ -28,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .quantizer import QuantParams
 
 _MATMUL_NAMES = ("matmul", "__matmul__")
-MODES = ("partial", "full")
+MODES = ("partial", "full", "integer")
 
 
 class QuantLayer(nn.Module):
@@ -100,11 +101,12 @@ class QuantMatMul(nn.Module):
 
 
 class QuantAct(nn.Module):
-    """A float operation (LayerNorm, GroupNorm, softmax) whose input is quantized in full mode."""
+    """A float operation (LayerNorm, GroupNorm, softmax) whose input is quantized in full mode; with neither
+    `inner` nor `call`, a tensor quantizer of integer mode (tensors.py)."""
 
     def __init__(self, op: str, act_axis: int | None, inner: nn.Module | None = None, call=None):
         super().__init__()
-        self.op = op            # "norm" or "softmax"
+        self.op = op            # "norm", "softmax" or "tensor"
         self.act_axis = act_axis  # channel axis for channel-wise quantization, None: layer-wise only
         self.inner = inner
         self.call = call        # softmax: (function, extra args, kwargs) as called in the model
@@ -116,6 +118,8 @@ class QuantAct(nn.Module):
             x = self.act.fake_quantize(x)
         if self.inner is not None:
             return self.inner(x)
+        if self.call is None:
+            return x
         func, rest, kwargs = self.call
         return func(x, *rest, **kwargs)
 
@@ -213,7 +217,8 @@ def _norm_axis(module: nn.Module) -> int:
 def prepare(model: nn.Module, example: torch.Tensor, mode: str = "partial") -> nn.Module:
     """Make `model` (in place) quantizable: BN folded, layers wrapped, matmuls routed. All disabled.
 
-    mode "partial" quantizes conv, linear and matmul inputs; "full" also norm and softmax inputs.
+    mode "partial" quantizes conv, linear and matmul inputs; "full" (and "integer", whose tensor quantizers
+    tensors.py adds) also norm and softmax inputs.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -224,10 +229,10 @@ def prepare(model: nn.Module, example: torch.Tensor, mode: str = "partial") -> n
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             _set_module(model, name, QuantLayer(module))
-        elif mode == "full" and isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        elif mode != "partial" and isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             _set_module(model, name, QuantAct("norm", _norm_axis(module), inner=module))
     attention = _leaf_attention(model).values()
-    kinds = ("matmul", "softmax") if mode == "full" else ("matmul",)
+    kinds = ("matmul", "softmax") if mode != "partial" else ("matmul",)
     for module in attention:
         module.hyq_routes = dict.fromkeys(kinds)  # None: count the calls of one forward first
         module.forward = functools.partial(_routed_forward, module, module.forward)

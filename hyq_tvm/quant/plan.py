@@ -24,7 +24,7 @@ from .quantizer import GRANULARITIES, MAX_BITS, MIN_BITS, QuantParams, QuantSpec
 
 FORMAT = "hyq-tvm/quantplan"
 VERSION = 1
-OPS = ("conv2d", "linear", "matmul", "norm", "softmax")
+OPS = ("conv2d", "linear", "matmul", "norm", "softmax", "tensor")
 WEIGHTED_OPS = ("conv2d", "linear")
 MODEL_FIELDS = ("name", "num_classes", "img_size", "input_shape", "weights_sha256")
 
@@ -144,7 +144,7 @@ class QuantPlan:
             if key not in obj["model"]:
                 raise HyqError(f"{where}: model.{key} is missing")
         if obj["calibration"].get("mode", "partial") not in MODES:
-            raise HyqError(f"{where}: calibration.mode must be 'partial' or 'full'")
+            raise HyqError(f"{where}: calibration.mode must be one of {', '.join(MODES)}")
         if not obj["layers"]:
             raise HyqError(f"{where} quantizes no layer")
         layers = {name: _layer_from_json(layer, f"{where}: layers.{name}") for name, layer in obj["layers"].items()}

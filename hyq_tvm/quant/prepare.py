@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import zoo
 from .modules import prepare
+from .tensors import add_tensor_quantizers
 from .plan import QuantPlan, apply_plan
 
 
@@ -17,7 +18,10 @@ def prepared_model(name: str, weights: str | Path | None, mode: str = "partial",
     """The model with its weights, for `img_size` inputs (default: the checkpoint's), BN folded and
     quantizers attached (all disabled)."""
     model, info = zoo.load_model(name, weights, img_size)
-    prepare(model, torch.zeros(1, 3, info.img_size, info.img_size), mode)
+    example = torch.zeros(1, 3, info.img_size, info.img_size)
+    prepare(model, example, mode)
+    if mode == "integer":
+        add_tensor_quantizers(model, example)
     return model, info
 
 

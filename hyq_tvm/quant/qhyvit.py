@@ -15,7 +15,8 @@ Scales are searched over `candidates` multiples eta in [alpha, beta] of the obse
 paper's code: alpha 0.01, beta 1.2, 100 candidates, 3 alternating rounds of weight and activation
 search from a min-max start). Weight scales are chosen per output channel, each channel by its own
 error at the layer output, which is separable per channel. Attention matmuls quantize both operands
-layer-wise and search scale and scheme per operand. Once a bridge block is calibrated it stays
+layer-wise and search scale and scheme per operand. The tensor quantizers of integer mode (layer-wise) search
+scale and scheme at their own output, inside bridge blocks too. Once a bridge block is calibrated it stays
 quantized while every later layer is calibrated; other layers see full-precision inputs.
 """
 from __future__ import annotations
@@ -141,6 +142,10 @@ class QHyViT:
         self.report = SearchReport()
 
     def bridge_of(self, name: str) -> int | None:
+        """The bridge block whose output measures `name`'s error; None: its own output (always for the tensor
+        quantizers of integer mode)."""
+        if self.layers[name].op == "tensor":
+            return None
         for index, bridge in enumerate(self.bridges):
             if bridge.contains(name):
                 return index

@@ -1,6 +1,7 @@
 """The compiler's stages as TVM passes: a QuantPlan lowered to an integer Relax module, then built.
 
-    lower(plan) = Sequential([ImportPlan, Annotate, Integerize])(empty module)
+    lower(plan) = Sequential([ImportPlan, Annotate, Integerize])(empty module); in integer mode batch norms are
+                  decomposed (before Annotate) and dequantizes sunk below layout ops (before Integerize)
     build(mod, target) = Sequential([PackWeights, fusion, default schedule, TVM's lowering, explicit FMAs])
     build(mod, target, schedules) = the same with the tuned kernels of a MetaSchedule database (tuning.py)
                                     scheduled from it between fusion and the default schedule
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+from tvm import relax
 
 from ..errors import HyqError
 from ..quant.plan import QuantPlan
@@ -21,6 +23,7 @@ from .importer import import_model, input_layers
 from .integer import IntegerLayer, integerize_pass
 from .pack import pack_weights
 from .schedule import build_pipeline
+from .sink import sink_pass
 from .tuning import apply_database, build_stages
 
 
@@ -57,7 +60,10 @@ def lower(plan: QuantPlan, weights: str | Path | None = None) -> Lowered:
     """The plan's model as an integer Relax module (weights: the checkpoint; default the embedded proxy)."""
     inputs: list[str] = []
     layers: list[IntegerLayer] = []
-    passes = [import_pass(plan, weights, inputs), annotate_pass(plan), integerize_pass(layers)]
+    integer = plan.calibration.get("mode") == "integer"
+    decompose = [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant()] if integer else []
+    passes = [import_pass(plan, weights, inputs), *decompose, annotate_pass(plan), *([sink_pass()] if integer else []),
+              integerize_pass(layers)]
     mod = tvm.transform.Sequential(passes, name="hyq.Lower")(tvm.IRModule())
     return Lowered(mod, layers, inputs)
 

@@ -22,7 +22,7 @@ def residual_block(bb, x):
 
 
 def test_rules_apply_in_their_order():
-    assert [rule.name for rule in RULES] == ["gemm", "gemm_float", "softmax", "rescale", "norm", "lookup"]
+    assert [rule.name for rule in RULES] == ["gemm", "gemm_float", "softmax", "rescale", "affine", "norm", "lookup", "resize", "pool", "product"]
 
 
 def test_integerize_pass_is_integerize_in_a_sequential():

@@ -388,3 +388,222 @@ def test_random_graphs_are_bit_exact_with_the_reference(channels, lookup_op):
     for layer in layers:
         np.testing.assert_array_equal(layer.reference(values), values[layer.result], err_msg=layer.name)
         assert len(np.unique(values[layer.result])) >= 5, (layer.op, np.unique(values[layer.result]))  # not saturated
+
+
+# -- resize --------------------------------------------------------------------------------------------------------
+
+def test_resizes_from_random_sizes_and_scales_match_the_reference():
+    """Random sizes (1 .. 9 inputs to 1 .. 13 outputs per axis), nearest and bilinear, every coordinate mode and
+    rounding method, NCHW and NHWC, per-channel or per-tensor grids up to 2^4 apart with zero points at the
+    extremes: the rule's integer weights are the reference's interpolation matrices and its numpy twin equals the
+    reference; so does its TIR kernel, for the first draw."""
+    from hyq_tvm.relax.integer.requantize import requant_params
+    from hyq_tvm.relax.integer.resize import MAX_DENOMINATOR, axis_taps, resize_primfunc, resized
+
+    modes = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"]
+    roundings = ["", "round", "round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+    checked = 0
+    for trial in range(80):
+        (h, w), axis = ((2, 3), 1) if trial % 2 == 0 else ((1, 2), 3)
+        method = ("linear", "nearest_neighbor")[trial // 2 % 2]
+        mode, rounding = modes[RNG.integers(len(modes))], roundings[RNG.integers(len(roundings))]
+        n, m = RNG.integers(1, 10, 2).tolist(), RNG.integers(1, 14, 2).tolist()
+        taps = [axis_taps(a, b, method, mode, rounding) for a, b in zip(n, m)]
+        if any(t is None for t in taps) or taps[0][2] * taps[1][2] > MAX_DENOMINATOR:
+            continue
+        for (index, weight, d), a, b in zip(taps, n, m):
+            dense = np.zeros((b, a), np.int64)
+            np.add.at(dense, (np.arange(b)[:, None], index), weight)
+            exact = ref.interpolation(a, b, method, mode, rounding)
+            assert d == math.lcm(*(v.denominator for row in exact for v in row))
+            np.testing.assert_array_equal(dense, [[int(v * d) for v in row] for row in exact])
+        (ih, wh, dh), (iw, ww, dw) = taps
+        channels = 6
+        shape = [2, 0, 0, 0]
+        shape[h], shape[w], shape[axis] = n[0], n[1], channels
+        x = int8_extremes(tuple(shape))
+        width = channels if trial % 3 else 1
+        s_in, z_in = log_uniform(width, -8, -3), zero_points(width)
+        s_o, z_o = (s_in * 2.0 ** RNG.uniform(-4, 4, width)).astype(np.float32), zero_points(width)
+        if width == 1:
+            s_in, z_in, s_o, z_o = s_in[0], z_in[0], s_o[0], z_o[0]
+        want = ref.resized(x, s_in, z_in, s_o, z_o, method, mode, rounding, tuple(m), (h, w), axis, "int8")
+        got = resized(x, z_in, (ih, iw), (wh, ww), dh * dw, (h, w), np.float64(s_in) if width == 1 else
+                      s_in.astype(np.float64), s_o, z_o, axis)
+        np.testing.assert_array_equal(got, want)
+        if checked == 0:
+            params = [np.broadcast_to(p, (width,)) for p in requant_params(
+                np.asarray(s_in, np.float64), dh * dw * np.asarray(s_o, np.float64), np.asarray(z_o), None,
+                np.int64(255 * dh * dw), "random")]
+            out_shape = list(shape)
+            out_shape[h], out_shape[w] = m
+            kernel = resize_primfunc(tuple(shape), tuple(out_shape), (h, w), (ih.shape[1], iw.shape[1]), axis, width,
+                                     bool(np.any(params[1])))
+            z = np.broadcast_to(np.asarray(z_in, np.int32), (width,))
+            np.testing.assert_array_equal(run(kernel, x, ih, wh, iw, ww, z, *params, np.zeros(out_shape, np.int8)),
+                                          want)
+        checked += 1
+    assert checked >= 40
+
+
+# -- subtract / requantize / affine --------------------------------------------------------------------------------
+
+def _random_steps(count: int, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray, bool]]:
+    """`count` constant steps on a tensor of `shape` (axis 1 the channels): multiplies and divides by scalars or per
+    channel (a zero entry at times), adds and subtracts of scalars, per-channel values or tensors broadcasting to the
+    input; either side (a divisor on the right); of either sign, magnitudes 2^-2 .. 2^2."""
+    steps = []
+    for _ in range(count):
+        op = ("add", "subtract", "multiply", "divide")[RNG.integers(4)]
+        shapes = [(), (shape[1], 1)] + ([(shape[-1],), shape[1:], shape] if op in ("add", "subtract") else [])
+        size = shapes[RNG.integers(len(shapes))]
+        c = np.asarray(RNG.choice([-1, 1], size) * 2.0 ** RNG.uniform(-2, 2, size), np.float32)
+        if op == "multiply" and c.ndim and RNG.integers(3) == 0:
+            c.flat[0] = 0.0
+        steps.append((op, c, op != "divide" and bool(RNG.integers(2))))
+    return steps
+
+
+def _chain_graph(shape, grids, steps, out_grid, subtract: bool):
+    """quantize(steps(subtract(dq(a), dq(b)))) when `subtract`, else quantize(steps(dq(a))); grids along axis 1."""
+    def body(bb, *xs):
+        ys = [bb.emit(dq(x, s, z, axis=1)) for x, (s, z) in zip(xs, grids)]
+        y = bb.emit(relax.op.subtract(*ys)) if subtract else ys[0]
+        for op, c, left in steps:
+            y = bb.emit(getattr(relax.op, op)(*((const(c, "float32"), y) if left else (y, const(c, "float32")))))
+        return relax.op.quantize(y, const(out_grid[0], "float32"), const(out_grid[1], "int8"), axis=1)
+
+    return module({name: (shape, "int8") for name, _ in zip("ab", grids)}, body)
+
+
+def test_subtractions_requantizations_and_affine_chains_from_random_scales_match_the_reference():
+    """Grids per tensor or per channel (zero points at the extremes), subtractions of scales up to 2^11 apart,
+    requantizations, chains of one to six constant steps (multipliers negative or zero, per-channel or tensor offsets;
+    output grids fitted to the result, or up to 2^8 times finer so that offsets reach thousands of steps): each
+    recorded layer's numpy twin equals the reference."""
+    shape, checked = (2, 6, 5), 0
+    for trial in range(60):
+        op = ("subtract", "requantize", "affine")[trial % 3]
+        width = shape[1] if trial % 2 == 0 else 1
+
+        def grid():
+            s, z = log_uniform(width, -8, 3), zero_points(width) if width > 1 else RNG.integers(-128, 128, 1)
+            return (s, z.astype(np.int8)) if width > 1 else (s[0], np.int8(z[0]))
+
+        grids = [grid() for _ in range(2 if op == "subtract" else 1)]
+        steps = _random_steps(1 + trial % 6, shape) if op == "affine" else []
+        xs = [int8_extremes(shape) for _ in grids]
+        v = [(x - np.reshape(z, (-1, 1)).astype(np.float64)) * np.reshape(s, (-1, 1)) for x, (s, z) in zip(xs, grids)]
+        v = v[0] - v[1] if op == "subtract" else v[0]
+        for name, c, left in steps:
+            v = getattr(np, name)(*((c, v) if left else (v, c)))
+        spread = np.abs(v).max(axis=(0, 2) if width > 1 else None) / 100
+        finer = 2.0 ** (RNG.uniform(-8, 0) if trial % 4 == 3 else RNG.uniform(-1, 1))
+        out_grid = (np.maximum(spread * finer, 1e-6).astype(np.float32), grid()[1])
+        _, layers = integerize_layers(_chain_graph(shape, grids, steps, out_grid, op == "subtract"))
+        assert [layer.op for layer in layers] == [op], steps
+        values = dict(zip(layers[0].inputs, xs))
+        got = layers[0].reference(values)
+        np.testing.assert_array_equal(got, ref.expected(layers[0], values), err_msg=str(steps))
+        checked += len(np.unique(got)) >= 10
+    assert checked >= 30
+
+
+# -- pool / product ------------------------------------------------------------------------------------------------
+
+def test_pools_from_random_scales_match_the_reference():
+    """Average pools with random kernels, strides, dilations, paddings, ceil_mode and count_include_pad, adaptive
+    pools, means and sums over random axes (keepdims or not), scales over 2^-10 .. 2^0 per tensor or per channel along
+    a kept axis, zero points at the extremes: the rule's numpy twin equals the reference on every recorded layer."""
+    checked = 0
+    for trial in range(48):
+        kind, per_channel = trial % 4, trial % 8 < 4
+        if kind == 0:  # avg_pool2d
+            kernel, strides, dilation = ([int(v) for v in RNG.integers(1, hi, 2)] for hi in (5, 4, 3))
+            spans = [r * (k - 1) + 1 for k, r in zip(kernel, dilation)]
+            shape = (2, 3, *(int(s + RNG.integers(0, 6)) for s in spans))
+            padding = [int(RNG.integers(0, k // 2 + 1)) for k in (*kernel, *kernel)]
+            ceil, include = bool(RNG.random() < 0.5), bool(RNG.random() < 0.5)
+
+            def pool(v):
+                return relax.op.nn.avg_pool2d(v, kernel, strides, padding, dilation, ceil, include)
+            in_axis = out_axis = 1
+        elif kind == 1:  # adaptive_avg_pool2d
+            size, window = RNG.integers(1, 4, 2), RNG.integers(1, 5, 2)
+            shape = (1, 3, *(int(v) for v in size * window))
+
+            def pool(v):
+                return relax.op.nn.adaptive_avg_pool2d(v, [int(s) for s in size])
+            in_axis = out_axis = 1
+        else:  # mean / sum
+            shape = tuple(int(v) for v in RNG.integers(1, 7, RNG.integers(2, 5)))
+            axes = [d for d in range(len(shape)) if RNG.random() < 0.5] or [len(shape) - 1]
+            kept = [d for d in range(len(shape)) if d not in axes]
+            keepdims = bool(RNG.random() < 0.5) or not kept  # not to a scalar, which stays float
+            in_axis = max(kept, key=lambda d: shape[d], default=0)
+            out_axis = in_axis if keepdims else kept.index(in_axis)
+            per_channel = per_channel and bool(kept)
+            op = relax.op.mean if kind == 2 else relax.op.sum
+
+            def pool(v):
+                return op(v, axis=axes, keepdims=keepdims)
+        width = shape[in_axis] if per_channel else 1
+        s_in, z_in = log_uniform(width, -10, 0), zero_points(max(width, 3))
+        z_in = z_in[:width] if per_channel else z_in[trial % 3:][:1]
+        count = 1 if kind < 3 else int(np.prod([shape[d] for d in axes]))  # the elements a sum adds
+        s_o = (s_in * np.sqrt(count) * 2.0 ** RNG.uniform(-2, 1, width)).astype(np.float32)
+        z_o = np.clip(np.round((z_in + 0.5) * count * s_in / s_o), -128, 127).astype(np.int64)  # the mean on z_o
+        if not per_channel:
+            s_in, z_in, s_o, z_o = s_in[0], z_in[0], s_o[0], z_o[0]
+            in_axis = out_axis = -1
+
+        def body(bb, xv):
+            y = bb.emit(pool(bb.emit(dq(xv, s_in, z_in.astype(np.int8), axis=in_axis))))
+            return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=out_axis)
+
+        _, layers = integerize_layers(module({"x": (shape, "int8")}, body))
+        assert [layer.op for layer in layers] == ["pool"], (trial, shape)
+        values = {layers[0].inputs[0]: int8_extremes(shape)}
+        got = layers[0].reference(values)
+        np.testing.assert_array_equal(got, ref.expected(layers[0], values), err_msg=str((trial, shape)))
+        checked += bool(np.any((got > -128) & (got < 127)))  # not all saturated
+    assert checked >= 40
+
+
+def test_products_from_random_scales_match_the_reference():
+    """Products of two int8 activations with random shapes broadcast against each other (lower ranks too), scales
+    over 2^-10 .. 2^0 per tensor or per channel along a shared axis, zero points at the extremes: the rule's numpy
+    twin equals the reference on every recorded layer."""
+    checked = 0
+    for trial in range(40):
+        full = [int(v) for v in RNG.integers(1, 6, RNG.integers(1, 5))]
+        shapes = []
+        for _ in range(2):
+            shape = [n if RNG.random() < 0.7 else 1 for n in full]
+            shapes.append(tuple(shape[int(RNG.integers(0, len(full))) if RNG.random() < 0.3 else 0:]))
+        out_shape = np.broadcast_shapes(*shapes)
+        ndim = len(out_shape)
+        axis = max(range(ndim), key=lambda d: out_shape[d]) if trial % 2 and max(out_shape) > 1 else None
+        width = 1 if axis is None else out_shape[axis]
+        grids = []
+        for shape in shapes:
+            own = None if axis is None else axis - (ndim - len(shape))
+            channels = width if own is not None and own >= 0 and shape[own] == width else 1
+            grids.append((log_uniform(channels, -10, 0), zero_points(channels), own if channels > 1 else -1))
+        (s_a, z_a, _), (s_b, z_b, _) = grids
+        s_o = (s_a * s_b * 2.0 ** RNG.uniform(7, 9, width)).astype(np.float32)
+        mean = (z_a + 0.5) * (z_b + 0.5) * (s_a.astype(np.float64) * s_b / s_o)  # of a product, in output steps
+        z_o = np.clip(np.round(-mean), -128, 127).astype(np.int64)
+
+        def body(bb, av, bv):
+            a, b = (bb.emit(dq(v, s, z.astype(np.int8), axis=d)) for v, (s, z, d) in zip((av, bv), grids))
+            y = bb.emit(relax.op.multiply(a, b))
+            return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=-1 if axis is None else axis)
+
+        _, layers = integerize_layers(module({"a": (shapes[0], "int8"), "b": (shapes[1], "int8")}, body))
+        assert [layer.op for layer in layers] == ["product"], (trial, shapes)
+        values = dict(zip(layers[0].inputs, (int8_extremes(s) for s in shapes)))
+        got = layers[0].reference(values)
+        np.testing.assert_array_equal(got, ref.expected(layers[0], values), err_msg=str((trial, shapes)))
+        checked += bool(np.any((got > -128) & (got < 127)))  # not all saturated
+    assert checked >= 34

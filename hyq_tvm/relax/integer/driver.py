@@ -13,12 +13,15 @@ from .gemm import GEMM, GEMM_FLOAT
 from .lookup import LOOKUP
 from .norm import NORM
 from .operand import dtype_of
-from .rescale import RESCALE
+from .pool import POOL
+from .product import PRODUCT
+from .rescale import AFFINE, RESCALE
+from .resize import RESIZE
 from .rule import IntegerLayer, Lowering
 from .softmax import SOFTMAX
 
 # In order of application: a rule sees the graph the rules before it left, so this order decides which match wins.
-RULES = (GEMM, GEMM_FLOAT, SOFTMAX, RESCALE, NORM, LOOKUP)
+RULES = (GEMM, GEMM_FLOAT, SOFTMAX, RESCALE, AFFINE, NORM, LOOKUP, RESIZE, POOL, PRODUCT)
 
 INTEGER_OPS = ("relax.nn.conv2d", "relax.matmul")
 

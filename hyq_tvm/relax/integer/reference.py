@@ -11,6 +11,12 @@ rules' parameter functions, tables and numpy twins), so that a bug in either sho
                      bounds (round half to even(bound / s_o) + z_o)
     float output     float32(acc) * float32(s_a * s_w)
     sum / concat     y = clip(floor(sum_i (x_i - z_i) * q_i * 2^(shift_i - 31) + 1/2) + z_o), q31(s_i / s_o)
+                     (requantize: one input)
+    subtract /       y = clip(floor(sum_i (x_i - z_i) * sign(M_i) * q_i * 2^(shift_i - 31) + floor(B * 2^R + 1/2) / 2^R
+    affine           + 1/2) + z_o) for the exact y = sum_i M_i (x_i - z_i) + B in output steps, (q_i, shift_i) =
+                     q31(|M_i|) ((0, 0) for M_i = 0), R = 31 + max(0, max_i -shift_i); subtract: M = (s_a / s_o,
+                     -s_b / s_o), B = 0; affine: its constant steps folded exactly into v -> a * v + b,
+                     M = a * s_in / s_o (per channel), B = b / s_o (per channel or per element)
     lookup           table[x] = clip(round half to even(f(s_in * (x - z_in)) / s_o) + z_o), f exact (ReLU,
                      leaky ReLU, clip) or to 160 bits (mpmath)
     softmax          e = floor(exp(-s_in * (max - x)) * 2^30 + 1/2) (exp to 160 bits), p = floor(e * 2^30 / sum e),
@@ -21,6 +27,18 @@ rules' parameter functions, tables and numpy twins), so that a bug in either sho
                      up, of exact rationals); t = (x - z) * m, mu = floor(sum t / n + 1/2), d = t - mu,
                      sigma = max(isqrt(floor(sum d^2 / n) + eps), 1),
                      y = clip(floor((d * gain + offset * sigma) / (sigma * 2^shift) + 1/2) + z_o)
+    resize           per spatial axis, output o of m (from n inputs) reads the exact coordinate c = (o + 1/2) * n / m
+                     - 1/2 (half_pixel; pytorch_half_pixel: 0 when m = 1), o * (n - 1) / (m - 1) (align_corners) or
+                     o * n / m (asymmetric); linear: weights 1 - f, f at floor(c), floor(c) + 1 (f = c - floor(c)),
+                     nearest: 1 at round(c) (half to even; floor, ceil, round_prefer_floor / _ceil: ties down / up;
+                     "": round for align_corners, else floor), inputs clamped to [0, n - 1]; A_h, A_w these weights
+                     times D_h, D_w (the lcm of their denominators), acc = A_h (x - z) A_w^T,
+                     requantized with M = s_in / (D_h * D_w * s_o)
+    pool             acc = sum of x - z_in over each window (zero outside the input: padding, ceil_mode overhang),
+                     M = s_in / (n * s_o) with n the elements averaged there: avg_pool2d: window positions inside
+                     the input, or (count_include_pad) inside input and padding, at least 1; adaptive_avg_pool2d
+                     (output size dividing the input), mean: the window's / reduced size; sum: 1
+    product          acc = (a - z_a) * (b - z_b), broadcast, requantized with M = s_a * s_b / s_o
 
 Per-element arithmetic is numpy int64 where an exact bound shows that every term fits, else Python integers.
 """
@@ -366,6 +384,223 @@ def normalized(x: np.ndarray, in_scale, in_zero_point, gamma, beta, eps: float, 
     return saturate(out, out_dtype)
 
 
+# -- resize ---------------------------------------------------------------------------------------------------------
+
+def source_coordinate(o: int, n: int, m: int, mode: str) -> Fraction:
+    """The exact input coordinate output coordinate o (of m) reads on an axis of n inputs."""
+    if mode == "pytorch_half_pixel" and m == 1:
+        return Fraction(0)
+    if mode in ("half_pixel", "pytorch_half_pixel"):
+        return Fraction((2 * o + 1) * n, 2 * m) - Fraction(1, 2)
+    if mode == "align_corners":
+        return Fraction(o * (n - 1), m - 1)
+    if mode == "asymmetric":
+        return Fraction(o * n, m)
+    raise HyqError(f"the reference has no coordinate transformation {mode!r}")
+
+
+def nearest_index(c: Fraction, rounding: str, mode: str) -> int:
+    """The input coordinate a nearest resize takes for the exact source coordinate c."""
+    rounding = rounding or ("round" if mode == "align_corners" else "floor")
+    low = math.floor(c)
+    rest = c - low
+    if rounding == "round":  # half to even
+        return low + (rest > Fraction(1, 2) or (rest == Fraction(1, 2) and low % 2 == 1))
+    if rounding == "round_prefer_floor":
+        return low + (rest > Fraction(1, 2))
+    if rounding == "round_prefer_ceil":
+        return low + (rest >= Fraction(1, 2))
+    if rounding == "floor":
+        return low
+    if rounding == "ceil":
+        return low + (rest > 0)
+    raise HyqError(f"the reference has no rounding method {rounding!r}")
+
+
+def interpolation(n: int, m: int, method: str, mode: str, rounding: str) -> list[list[Fraction]]:
+    """The (m, n) matrix of exact weights of a resize along one axis: row o weighs the inputs of output o."""
+    rows = []
+    for o in range(m):
+        c, row = source_coordinate(o, n, m, mode), [Fraction(0)] * n
+        if method == "nearest_neighbor":
+            row[min(max(nearest_index(c, rounding, mode), 0), n - 1)] += 1
+        elif method == "linear":
+            low = math.floor(c)
+            row[min(max(low, 0), n - 1)] += 1 - (c - low)
+            row[min(max(low + 1, 0), n - 1)] += c - low
+        else:
+            raise HyqError(f"the reference has no resize method {method!r}")
+        rows.append(row)
+    return rows
+
+
+def resized(x: np.ndarray, in_scale, in_zero_point, out_scale, out_zero_point, method: str, mode: str,
+            rounding: str, size: tuple[int, int], spatial: tuple[int, int], axis: int, out_dtype: str) -> np.ndarray:
+    """A resize2d of an int8 tensor along its `spatial` axes (H, W) to `size`: acc = A_h (x - z) A_w^T with the
+    interpolation matrices in units of their common denominators D_h, D_w, requantized with
+    M = s_in / (D_h * D_w * s_o); per-channel parameters along `axis`."""
+    matrices, denominator = [], 1
+    for a, m in zip(spatial, size):
+        weights = interpolation(x.shape[a], m, method, mode, rounding)
+        d = math.lcm(*(v.denominator for row in weights for v in row))
+        matrices.append(np.array([[int(v * d) for v in row] for row in weights], np.int64))
+        denominator *= d
+    width = x.shape[axis]
+    centered = x.astype(np.int64) - along(ints(in_zero_point, width), axis, x.ndim, np.int64)
+    acc = matrices[0] @ np.moveaxis(centered, spatial, (-2, -1)) @ matrices[1].T  # |acc| <= 255 * D
+    acc = np.moveaxis(acc, (-2, -1), spatial)
+    multipliers = [s / (denominator * o) for s, o in zip(channels(in_scale, width), channels(out_scale, width))]
+    return requantize(acc, multipliers, [Fraction(0)], ints(out_zero_point, width), axis, out_dtype)
+
+
+# -- subtract / affine ---------------------------------------------------------------------------------------------
+
+AFFINE_STEPS = {  # (a, b) of v -> a * v + b after one more step with the constant c, on the left or not
+    "relax.add": lambda a, b, c, left: (a, b + c),
+    "relax.subtract": lambda a, b, c, left: (-a, c - b) if left else (a, b - c),
+    "relax.multiply": lambda a, b, c, left: (a * c, b * c),
+    "relax.divide": lambda a, b, c, left: (a / c, b / c),
+}
+
+
+def folded(chain) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), object arrays of exact rationals, of a chain of (op name, float constant, constant on the left) steps
+    as v -> a * v + b."""
+    a, b = np.array(Fraction(1), dtype=object), np.array(Fraction(0), dtype=object)
+    for name, constant, left in chain:
+        if name not in AFFINE_STEPS or (left and name == "relax.divide"):
+            raise HyqError(f"the reference has no affine step {name!r} (constant on the {'left' if left else 'right'})")
+        c = np.array([exact(v) for v in np.ravel(constant)], dtype=object).reshape(np.shape(constant))
+        a, b = (np.asarray(v, dtype=object) for v in AFFINE_STEPS[name](a, b, c, left))
+    return a, b
+
+
+def signed_q31(m: Fraction) -> tuple[int, int]:
+    """(sign(m) * q, shift) with (q, shift) = q31(|m|); (0, 0) for m = 0."""
+    if m == 0:
+        return 0, 0
+    q, shift = q31(abs(m))
+    return (q if m > 0 else -q), shift
+
+
+def padded(values: np.ndarray, ndim: int) -> np.ndarray:
+    """An array with unit dims in front, of rank ndim."""
+    return values.reshape((1,) * (ndim - values.ndim) + values.shape)
+
+
+def channel_values(values: np.ndarray, axis: int, ndim: int) -> list:
+    """The values along `axis` of an array (rank <= ndim) that varies along no other axis."""
+    v = padded(values, ndim)
+    line = v[tuple(slice(None) if d == axis else 0 for d in range(ndim))]
+    if not np.all(v == line.reshape([-1 if d == axis else 1 for d in range(ndim)])):
+        raise HyqError(f"the reference needs a multiplier per tensor or along axis {axis}")
+    return list(line)
+
+
+def rescaled_exactly(xs: list[np.ndarray], zero_points, multipliers: list[list[Fraction]], offset: np.ndarray,
+                     out_zero_point, axis: int, out_dtype: str) -> np.ndarray:
+    """clip(floor((sum_i (x_i - z_i) * k_i + c) / 2^R) + z_o) for sum_i M_i (x_i - z_i) + B (output steps):
+    (p_i, shift_i) = signed_q31(M_i), R = 31 + max(0, max_i -shift_i), k_i = p_i * 2^(shift_i - 31 + R),
+    c = 2^(R - 1) + floor(B * 2^R + 1/2); M_i one or one per channel along `axis`, B (exact) broadcasting to the x_i."""
+    ndim = xs[0].ndim
+    width = max(*(len(m) for m in multipliers), width_of(*zero_points, out_zero_point))
+    params = [[signed_q31(m) for m in m_i * (width // len(m_i))] for m_i in multipliers]
+    right = [FRACTION_BITS + max(0, *(-p[ch][1] for p in params)) for ch in range(width)]
+    k = [[q << (shift - FRACTION_BITS + r) for (q, shift), r in zip(p, right)] for p in params]
+    c = np.asarray(np.frompyfunc(lambda b, r: (1 << (r - 1)) + round_half_up(b * (1 << r)), 2, 1)(
+        padded(offset, ndim), along(right, axis, ndim, object)), dtype=object)
+    centered = [x.astype(np.int64) - along(ints(z, width), axis, ndim, np.int64) for x, z in zip(xs, zero_points)]
+    dtype = kind(sum(magnitude(t) * max(map(abs, k_i)) for t, k_i in zip(centered, k)) + max(map(abs, c.ravel())))
+    total = c.astype(dtype)
+    for t, k_i in zip(centered, k):
+        total = total + t.astype(dtype) * along(k_i, axis, ndim, dtype)
+    out = total // along([1 << r for r in right], axis, ndim, dtype) + along(ints(out_zero_point, width), axis,
+                                                                              ndim, dtype)
+    return saturate(out, out_dtype)
+
+
+# -- pool / product -------------------------------------------------------------------------------------------------
+
+def _pool_windows(t: np.ndarray, kernel, strides, dilation, padding, out_hw) -> np.ndarray:
+    """Sums of an NCHW tensor over its avg_pool2d windows, zero padded by padding (top, left, bottom, right) and
+    beyond as far as the last of the out_hw windows reaches."""
+    spans = [r * (k - 1) + 1 for k, r in zip(kernel, dilation)]
+    extra = [max(0, (o - 1) * s + sp - (n + a + b)) for o, s, sp, n, a, b in
+             zip(out_hw, strides, spans, t.shape[2:], padding[:2], padding[2:])]
+    t = np.pad(t, ((0, 0), (0, 0), (padding[0], padding[2] + extra[0]), (padding[1], padding[3] + extra[1])))
+    windows = sliding_window_view(t, spans, axis=(2, 3))[:, :, ::strides[0], ::strides[1], ::dilation[0], ::dilation[1]]
+    return windows[:, :, :out_hw[0], :out_hw[1]].sum(axis=(-2, -1))
+
+
+def pool_output_size(n: int, kernel: int, stride: int, dilation: int, before: int, after: int, ceil: bool) -> int:
+    """The output extent of avg_pool2d along an axis of n inputs: with ceil_mode, the last window still starts
+    inside the input or its leading padding."""
+    size = (n + before + after - dilation * (kernel - 1) - 1 + (stride - 1 if ceil else 0)) // stride + 1
+    return size - 1 if ceil and (size - 1) * stride >= n + before else size
+
+
+def window_sums(xc: np.ndarray, function: str, attrs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(acc, n): the sums of the centered input xc over each window of `function` (a Relax op name) with its
+    attributes, and how many elements each output position averages (1 for a sum)."""
+    if function == "relax.nn.avg_pool2d":
+        kernel, strides, dilation, padding = (attrs[k] for k in ("pool_size", "strides", "dilation", "padding"))
+        out_hw = [pool_output_size(xc.shape[2 + i], kernel[i], strides[i], dilation[i], padding[i], padding[2 + i],
+                                   attrs["ceil_mode"]) for i in range(2)]
+        args = (kernel, strides, dilation)
+        acc = _pool_windows(xc, *args, padding, out_hw)
+        inside = np.ones((1, 1, *xc.shape[2:]), np.int64)
+        if attrs["count_include_pad"]:  # the padding counts, not what lies beyond it (ceil_mode)
+            top, left, bottom, right = padding
+            counted = _pool_windows(np.pad(inside, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=1),
+                                    *args, (0, 0, 0, 0), out_hw)
+        else:
+            counted = _pool_windows(inside, *args, padding, out_hw)
+        return acc, np.maximum(counted, 1)
+    if function == "relax.nn.adaptive_avg_pool2d":
+        (n, c, h, w), (oh, ow) = xc.shape, attrs["output_size"]
+        return xc.reshape(n, c, oh, h // oh, ow, w // ow).sum(axis=(3, 5)), np.array((h // oh) * (w // ow))
+    if function in ("relax.mean", "relax.sum"):
+        axes = attrs["axes"]
+        count = int(np.prod([xc.shape[d] for d in axes])) if function == "relax.mean" else 1
+        return xc.sum(axis=axes, keepdims=attrs["keepdims"]), np.array(count)
+    raise HyqError(f"the reference has no definition of {function}")
+
+
+def pooled(x: np.ndarray, function: str, attrs: dict, in_scale, in_zero_point, out_scale, out_zero_point, axis: int,
+           out_dtype: str) -> np.ndarray:
+    """An average pool / mean / sum of an int8 tensor: exact window sums of x - z_in, each requantized with
+    M = s_in / (n * s_o) for the n elements it averages; parameters per channel along the result's `axis`."""
+    dropped = () if attrs.get("keepdims", True) else attrs["axes"]
+    in_axis = [d for d in range(x.ndim) if d not in dropped][axis]
+    width = width_of(in_scale, in_zero_point, out_scale, out_zero_point)
+    xc = x.astype(np.int64) - along(ints(in_zero_point, width), in_axis, x.ndim, np.int64)
+    acc, counts = window_sums(xc, function, attrs)
+    counts = np.broadcast_to(counts, acc.shape)
+    s_in, s_o, z_o = channels(in_scale, width), channels(out_scale, width), ints(out_zero_point, width)
+    out = np.zeros(acc.shape, out_dtype)
+    for n in np.unique(counts):
+        part = requantize(acc, [s / (int(n) * o) for s, o in zip(s_in, s_o)], [Fraction(0)], z_o, axis, out_dtype)
+        out = np.where(counts == n, part, out)
+    return out
+
+
+def multiplied(a: np.ndarray, a_zero_point, b: np.ndarray, b_zero_point, scales, out_scale, out_zero_point,
+               axis: int, out_dtype: str) -> np.ndarray:
+    """(a - z_a) * (b - z_b) of two int8 tensors, broadcast, requantized with M = s_a * s_b / s_o; parameters per
+    channel along the result's `axis`."""
+    ndim = max(a.ndim, b.ndim)
+    width = width_of(a_zero_point, b_zero_point, *scales, out_scale, out_zero_point)
+
+    def centered(t: np.ndarray, z) -> np.ndarray:
+        t = t.astype(np.int64).reshape((1,) * (ndim - t.ndim) + t.shape)
+        return t - along(ints(z, width), axis, ndim, np.int64)
+
+    s_a, s_b, s_o = (channels(s, width) for s in (*scales, out_scale))
+    return requantize(centered(a, a_zero_point) * centered(b, b_zero_point),
+                      [x * y / o for x, y, o in zip(s_a, s_b, s_o)], [Fraction(0)], ints(out_zero_point, width),
+                      axis, out_dtype)
+
+
 # -- a recorded layer -----------------------------------------------------------------------------------------------
 
 def _gemm(layer, values) -> np.ndarray:
@@ -395,6 +630,24 @@ def _rescale(layer, values) -> np.ndarray:
     return concatenated(xs, *args, layer.attrs["dim"], layer.out_dtype)
 
 
+def _subtract(layer, values) -> np.ndarray:
+    scales, width = layer.real.scales, width_of(*layer.real.scales, layer.out_scale)
+    s_o = channels(layer.out_scale, width)
+    multipliers = [[sign * s / o for s, o in zip(channels(s_i, width), s_o)] for sign, s_i in zip((1, -1), scales)]
+    return rescaled_exactly([values[v] for v in layer.inputs], layer.zero_points, multipliers,
+                            np.array(Fraction(0), dtype=object), layer.out_zero_point, layer.axis, layer.out_dtype)
+
+
+def _affine(layer, values) -> np.ndarray:
+    real, x = layer.real, values[layer.inputs[0]]
+    a, b = folded(real.chain)
+    width = width_of(real.scales[0], layer.out_scale)
+    s_in, s_o = (along(channels(v, width), layer.axis, x.ndim, object) for v in (real.scales[0], layer.out_scale))
+    multiplier = channel_values(np.asarray(a * s_in / s_o, dtype=object), layer.axis, x.ndim)
+    return rescaled_exactly([x], layer.zero_points, [multiplier], np.asarray(b / s_o, dtype=object),
+                            layer.out_zero_point, layer.axis, layer.out_dtype)
+
+
 def _lookup(layer, values) -> np.ndarray:
     real = layer.real
     return looked_up(values[layer.inputs[0]], real.function, real.args, real.scales[0], layer.zero_points[0],
@@ -413,8 +666,29 @@ def _norm(layer, values) -> np.ndarray:
                       tuple(layer.attrs["reduce_axes"]), layer.out_dtype)
 
 
+def _resize(layer, values) -> np.ndarray:
+    attrs = layer.attrs
+    return resized(values[layer.inputs[0]], layer.real.scales[0], layer.zero_points[0], layer.out_scale,
+                   layer.out_zero_point, attrs["method"], attrs["mode"], attrs["rounding"], attrs["size"],
+                   attrs["spatial"], layer.axis, layer.out_dtype)
+
+
+def _pool(layer, values) -> np.ndarray:
+    real = layer.real
+    return pooled(values[layer.inputs[0]], real.function, layer.attrs["op_attrs"], real.scales[0], layer.zero_points[0],
+                  layer.out_scale, layer.out_zero_point, layer.axis, layer.out_dtype)
+
+
+def _product(layer, values) -> np.ndarray:
+    (a, b), (z_a, z_b) = (values[v] for v in layer.inputs), layer.zero_points
+    return multiplied(a, z_a, b, z_b, layer.real.scales, layer.out_scale, layer.out_zero_point, layer.axis,
+                      layer.out_dtype)
+
+
 REFERENCES = {"conv2d": _gemm, "matmul": _gemm, "add": _rescale, "concat": _rescale, "lookup": _lookup,
-              "softmax": _softmax, "norm": _norm}
+              "subtract": _subtract, "requantize": _rescale, "affine": _affine,
+              "softmax": _softmax, "norm": _norm, "resize": _resize,
+              "pool": _pool, "product": _product}
 
 
 def expected(layer, values: dict) -> np.ndarray:

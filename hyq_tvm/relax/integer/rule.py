@@ -29,6 +29,8 @@ class RealParams:
     args: tuple[float, ...] = ()            # its real arguments: clip (min, max), leakyrelu (alpha,); norm (epsilon,)
     gamma: np.ndarray | None = None         # norm: float64 (C,)
     beta: np.ndarray | None = None          # norm: float64 (C,)
+    chain: tuple = ()                       # affine: its steps from the input, in order: (Relax op name, float64
+                                            # constant, whether the constant is the left operand)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class IntegerLayer:
     """
 
     name: str                 # plan layer (from the marked var names), else the result var's name
-    op: str                   # "conv2d", "matmul", "softmax", "norm", "lookup", "add" or "concat"
+    op: str                   # "conv2d", "matmul", "softmax", "norm", "lookup", "add", "subtract", "concat",
+                              # "requantize" (q(dq(x)) onto another grid), "affine" (constant +, -, *, / chain),
+                              # "pool" (average / mean / sum), "product" (of two activations) or "resize"
     rule: Rule = field(repr=False, compare=False)
     attrs: dict[str, Any]     # conv2d: strides, padding, dilation, groups; matmul of activations: b_axes;
                               # softmax, lookup: table; norm: params (NormParams), reduce_axes;
