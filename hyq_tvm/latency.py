@@ -55,23 +55,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _key(name: str, img_size: int, wbits: int, abits: int) -> str:
-    return f"{name}-{img_size}-w{wbits}a{abits}"
+def _key(name: str, img_size: int, wbits: int, abits: int, mode: str = "partial") -> str:
+    return f"{name}-{img_size}-w{wbits}a{abits}" + ("" if mode == "partial" else f"-{mode}")
 
 
-def calibrated_plan(name: str, img_size: int | None, bits: int, weights: str | None, work_dir: Path) -> Path:
-    """The file of the Q-HyViT W{bits}A{bits} plan of `name` for `img_size` inputs (default: the checkpoint's)
-    and `weights`, calibrated once and kept in work_dir/MODEL-SIZE-wBaB/."""
+def calibrated_plan(name: str, img_size: int | None, bits: int, weights: str | None, work_dir: Path,
+                    mode: str = "partial") -> Path:
+    """The file of the Q-HyViT W{bits}A{bits} plan of `name` in `mode` for `img_size` inputs (default: the
+    checkpoint's) and `weights`, calibrated once and kept in work_dir/MODEL-SIZE-wBaB[-MODE]/."""
     from .quant.calibrate import calibrate
     from .quant.plan import QuantPlan
     from .zoo import load_model
 
     info = load_model(name, weights, img_size)[1]
-    path = work_dir / _key(name, info.img_size, bits, bits) / PLAN
+    path = work_dir / _key(name, info.img_size, bits, bits, mode) / PLAN
     if path.is_file() and QuantPlan.load(path).model["weights_sha256"] == info.weights_sha256:
         return path
-    print(f"calibrating {name} (Q-HyViT W{bits}A{bits}, {info.img_size}x{info.img_size}) -> {path}", flush=True)
-    calibrate(name, weights, method="qhyvit", wbits=bits, abits=bits, img_size=info.img_size)[0].save(path)
+    print(f"calibrating {name} (Q-HyViT W{bits}A{bits} {mode}, {info.img_size}x{info.img_size}) -> {path}", flush=True)
+    calibrate(name, weights, method="qhyvit", wbits=bits, abits=bits, img_size=info.img_size, mode=mode)[0].save(path)
     return path
 
 
@@ -84,7 +85,7 @@ def kept_plan(plan, weights: str | None, work_dir: Path) -> Path:
     check_weights(plan, sha256_file(checkpoint) if checkpoint.is_file() else None)
     digest = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:12]
     m, c = plan.model, plan.calibration
-    path = work_dir / f"{_key(m['name'], m['img_size'], c['wbits'], c['abits'])}-plan-{digest}" / PLAN
+    path = work_dir / f"{_key(m['name'], m['img_size'], c['wbits'], c['abits'], c.get('mode', 'partial'))}-plan-{digest}" / PLAN
     if not path.is_file():
         plan.save(path)
     return path
@@ -195,7 +196,8 @@ def _row(artifact, plan, threads: int, repeat: int, timed: dict) -> dict:
     others = {name: timed[f"{name}_ms"] for name in ENGINES if name != "hyq_int8"}
     fastest = min(others, key=others.get)
     return {"model": plan.model["name"], "img_size": plan.model["img_size"], "threads": threads,
-            "method": plan.calibration["method"], "wbits": plan.calibration["wbits"],
+            "method": plan.calibration["method"], "mode": plan.calibration.get("mode", "partial"),
+            "wbits": plan.calibration["wbits"],
             "abits": plan.calibration["abits"], "repeat": repeat, **timed,
             "ratio_to_fastest": round(timed["hyq_int8_ms"] / others[fastest], 3), "fastest": fastest,
             "artifact_bytes": artifact.library.stat().st_size, "schedules": artifact.meta.get("schedules"),

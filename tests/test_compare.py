@@ -19,7 +19,7 @@ from hyq_tvm.quant import calibrate as calibrate_module
 from hyq_tvm.quant.plan import QuantPlan
 from hyq_tvm.relax.tuning import database_dir
 
-FIELDS = {"model", "img_size", "threads", "method", "wbits", "abits", "repeat", "hyq_int8_ms", "ort_qdq_ms",
+FIELDS = {"model", "img_size", "threads", "method", "mode", "wbits", "abits", "repeat", "hyq_int8_ms", "ort_qdq_ms",
           "ort_qdq_u8_ms", "ort_fp32_ms", "torch_fp32_ms", "peak_rss_mb", "ratio_to_fastest", "fastest",
           "artifact_bytes", "schedules", "cpu", "command"}
 OTHERS = ("ort_qdq", "ort_qdq_u8", "ort_fp32", "torch_fp32")
@@ -27,7 +27,8 @@ OTHERS = ("ort_qdq", "ort_qdq_u8", "ort_fp32", "torch_fp32")
 
 def _old_row(model: str, threads: int) -> dict:
     """A row of an earlier run, every number 99."""
-    return {**dict.fromkeys(FIELDS, 99), "model": model, "img_size": 64, "threads": threads, "fastest": "ort_fp32",
+    return {**dict.fromkeys(FIELDS, 99), "model": model, "img_size": 64, "threads": threads, "mode": "partial",
+            "fastest": "ort_fp32",
             "schedules": None, "cpu": "earlier CPU", "command": "python -m hyq_tvm.compare --earlier"}
 
 
@@ -116,6 +117,13 @@ def test_the_uint8_export_agrees_with_the_int8_one(run, tmp_path):
                      for f in (artifact / ONNX, u8_file))
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_rows_of_another_mode_are_kept_beside_each_other():
+    partial, integer = _old_row("mobilevit_xxs", 1), {**_old_row("mobilevit_xxs", 1), "mode": "integer"}
+    fresh = {**_old_row("mobilevit_xxs", 1), "mode": "partial", "hyq_int8_ms": 1}
+    assert compare.merged([partial, integer], [fresh]) == [integer, fresh]
+    assert "W99A99 integer" in compare.table([integer])
 
 
 def test_bad_threads_is_one_line(tmp_path):

@@ -12,7 +12,8 @@ from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.quant.plan import QuantPlan, plan_layers
 from hyq_tvm.quant.prepare import quantized_model
 from hyq_tvm.relax.annotate import annotate
-from hyq_tvm.relax.census import op_census
+from hyq_tvm.cli.integer_report import merged
+from hyq_tvm.relax.census import ENDS, float_ops, op_census
 from hyq_tvm.relax.importer import to_relax
 from hyq_tvm.relax.integer import integerize_layers
 from hyq_tvm.relax.pipeline import lower
@@ -23,10 +24,9 @@ from hyq_tvm.targets import load_target
 from test_tensors import _Block, _integer
 
 TARGET = load_target("host").tvm_target()
-ENDS = {"relax.quantize(float32,float32,int8)->int8": 1, "relax.dequantize(int8,float32,int8)->float32": 1}
 
 
-def float_ops(mod: tvm.IRModule) -> dict[str, int]:
+def floating(mod: tvm.IRModule) -> dict[str, int]:
     """The ops of the census that take or give float32."""
     return {op: n for op, n in op_census(mod).items() if "float32" in op}
 
@@ -39,7 +39,7 @@ def test_a_small_integer_mode_model_is_integer_from_input_to_output_and_bit_exac
     plan = QuantPlan({}, {"mode": "integer"}, plan_layers(model, []))
     mod = relax.transform.DecomposeOpsForInference()(to_relax(model, x[:1]))
     mod, layers = integerize_layers(sink_dequantize(annotate(mod, plan)))
-    assert float_ops(mod) == ENDS
+    assert floating(mod) == dict.fromkeys(ENDS, 1) and float_ops(mod) == 0
     assert {layer.op for layer in layers} == {"conv2d", "matmul", "lookup", "add", "requantize", "pool", "affine"}
     vm = debug_vm(mod, layers, TARGET)
     for image in x[:2]:
@@ -53,7 +53,7 @@ def test_mobilevit_xxs_in_integer_mode_has_no_float_op_and_is_bit_exact():
     torch.set_num_threads(1)
     plan = calibrate("mobilevit_xxs", method="minmax", images=8, mode="integer", progress=False)[0]
     lowered = lower(plan)
-    assert float_ops(lowered.mod) == ENDS
+    assert floating(lowered.mod) == dict.fromkeys(ENDS, 1) and float_ops(lowered.mod) == 0
     assert {"pool", "affine", "requantize", "add", "concat", "norm", "softmax", "lookup"} <= {
         layer.op for layer in lowered.layers}
     vm = debug_vm(lowered.mod, lowered.layers, TARGET)
@@ -65,3 +65,20 @@ def test_mobilevit_xxs_in_integer_mode_has_no_float_op_and_is_bit_exact():
         expected = quantized_model(plan).eval()(images).argmax(1).numpy()
     got = np.array([vm["main"](tvm.runtime.tensor(x[None].numpy())).numpy().argmax() for x in images])
     assert (got == expected).mean() >= 15 / 16, (got, expected)
+
+
+def test_float_ops_counts_what_is_float_besides_the_ends():
+    def body(bb, x):
+        y = bb.emit(relax.op.dequantize(x, relax.const(0.5, "float32"), relax.const(0, "int8")))
+        y = bb.emit(relax.op.nn.silu(y))
+        return relax.op.quantize(y, relax.const(0.5, "float32"), relax.const(0, "int8"))
+
+    from relax_integer.qdq import module
+    assert float_ops(module({"x": ((2, 3), "int8")}, body)) == 1
+
+
+def test_integer_report_rows_of_other_modes_are_kept():
+    row = {"model": "m", "method": "qhyvit", "wbits": 8, "abits": 8}
+    old = [{**row, "mode": "partial", "top1": 1}, {**row, "mode": "integer", "top1": 2}]
+    new = [{**row, "mode": "integer", "top1": 3}]
+    assert merged(old, new) == [old[0], new[0]]

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from .. import data, zoo
 from ..quant.calibrate import METHODS, calibrate
-from ..quant.modules import MODES
 from ..quant.qhyvit import GRANULARITIES, SCHEMES
 from ..quant.quantizer import check_bits
-from .options import add_bits, add_data, add_img_size, add_model, add_weights
+from .options import add_bits, add_data, add_img_size, add_mode, add_model, add_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,8 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Q-HyViT activation granularity: searched, or fixed (ablation)")
     p.add_argument("--scheme", default="search", choices=("search",) + SCHEMES,
                    help="Q-HyViT activation scheme: searched, or fixed (ablation)")
-    p.add_argument("--mode", default="partial", choices=MODES,
-                   help="partial: softmax, LayerNorm and GroupNorm stay float; full: their inputs are quantized too")
+    add_mode(p, " (default: partial)")
     p.add_argument("-o", "--output", type=Path, required=True, help="QuantPlan JSON to write")
     return p.parse_args(argv)
 
@@ -46,7 +44,7 @@ def main(argv=None) -> None:
     abits = args.bits if args.abits is None else args.abits
     plan, _ = calibrate(args.model, args.weights, args.data, args.method, wbits, abits, args.images, args.seed,
                         GRANULARITIES if args.granularity == "search" else (args.granularity,),
-                        SCHEMES if args.scheme == "search" else (args.scheme,), args.mode, img_size=args.img_size)
+                        SCHEMES if args.scheme == "search" else (args.scheme,), args.mode or "partial", img_size=args.img_size)
     plan.save(args.output)
     print(f"{args.model} {args.method} W{wbits}A{abits}: {len(plan.layers)} layers calibrated on"
           f" {plan.calibration['images']} images in {plan.calibration['seconds']:.1f} s -> {args.output}")

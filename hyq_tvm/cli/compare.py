@@ -24,19 +24,23 @@ from ..errors import HyqError
 from ..fileio import atomic_path, write_json
 from ..latency import ENGINES, benchmark, calibrated_plan, compiled_artifact, kept_plan
 from ..quant.quantizer import check_bits
-from .options import add_img_size, add_model, add_plan, add_reports, add_weights
+from .options import add_img_size, add_mode, add_model, add_plan, add_reports, add_weights
 
 REPORT = "benchmark_host"
 LABELS = {"hyq_int8": "hyq-tvm int8", "ort_qdq": "ort QDQ", "ort_qdq_u8": "ort QDQ u8", "ort_fp32": "ort FP32",
           "torch_fp32": "torch FP32"}
 
 
+def _mode(row: dict) -> str:
+    return row.get("mode", "partial")
+
+
 def _key(row: dict) -> tuple:
-    return row["model"], row["img_size"], row["threads"]
+    return row["model"], row["img_size"], _mode(row), row["threads"]
 
 
 def merged(old: list[dict], new: list[dict]) -> list[dict]:
-    """The rows of `old` that `new` does not replace (same model, size and threads), and `new`, sorted."""
+    """The rows of `old` that `new` does not replace (same model, size, mode and threads), and `new`, sorted."""
     keys = {_key(r) for r in new}
     return sorted([r for r in old if _key(r) not in keys] + new, key=_key)
 
@@ -46,7 +50,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | size | plan | threads | " + " | ".join(f"{LABELS[e]} ms" for e in ENGINES)
              + " | hyq / fastest other | fastest other | peak RSS MB | model.so bytes | schedules |",
              "|---" * (len(ENGINES) + 9) + "|"]
-    lines += [f"| {r['model']} | {r['img_size']} | {r['method']} W{r['wbits']}A{r['abits']} | {r['threads']} | "
+    lines += [f"| {r['model']} | {r['img_size']} | {r['method']} W{r['wbits']}A{r['abits']} {_mode(r)} | {r['threads']} | "
               + " | ".join(f"{r[f'{e}_ms']:.3f}" for e in ENGINES)
               + f" | {r['ratio_to_fastest']:.2f} | {LABELS[r['fastest']]} | {r['peak_rss_mb']:.0f}"
               f" | {r['artifact_bytes']:,} | {r['schedules'] or 'none (default schedules)'} |" for r in rows]
@@ -95,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_img_size(p)
     p.add_argument("--bits", type=int, default=None, help="W = A bit-width of the Q-HyViT plan, 2-8 (default 8)")
     add_plan(p, " (default: calibrate Q-HyViT first)")
+    add_mode(p, " (default: the plan's, else partial)")
     p.add_argument("--artifact", type=Path, default=None, help="time this artifact (built with --target host)"
                    " instead of building one")
     add_weights(p)
@@ -110,8 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def artifact_to_time(args: argparse.Namespace) -> Path:
     """--artifact, or the cached host artifact of --plan or of --model's Q-HyViT plan."""
     if args.artifact is not None:
-        if args.model or args.plan or args.img_size or args.bits:
-            raise HyqError("--artifact is timed as built: drop --model, --plan, --img-size and --bits")
+        if args.model or args.plan or args.img_size or args.bits or args.mode:
+            raise HyqError("--artifact is timed as built: drop --model, --plan, --img-size, --bits and --mode")
         return args.artifact
     if args.plan is not None:
         from ..quant.plan import QuantPlan
@@ -119,6 +124,7 @@ def artifact_to_time(args: argparse.Namespace) -> Path:
         plan = QuantPlan.load(args.plan)
         wbits, abits = plan.calibration["wbits"], plan.calibration["abits"]
         asked = {"model": (args.model, plan.model["name"]), "img-size": (args.img_size, plan.model["img_size"]),
+                 "mode": (args.mode, plan.calibration.get("mode", "partial")),
                  "bits": (args.bits, wbits if wbits == abits else f"W{wbits}A{abits}")}
         for flag, (value, planned) in asked.items():
             if value is not None and value != planned:
@@ -131,7 +137,7 @@ def artifact_to_time(args: argparse.Namespace) -> Path:
             zoo.check_img_size(args.img_size)
         bits = 8 if args.bits is None else args.bits
         check_bits(bits, "--bits")
-        plan_file = calibrated_plan(name, args.img_size, bits, args.weights, args.work_dir)
+        plan_file = calibrated_plan(name, args.img_size, bits, args.weights, args.work_dir, args.mode or "partial")
     return compiled_artifact(plan_file, args.weights)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import zoo
 from ..build import AUTO, EMITS, check_target, compile_plan
-from .options import add_img_size, add_model, add_plan, add_weights, plan_from_args
+from .options import add_img_size, add_mode, add_model, add_plan, add_weights, plan_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -15,6 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_plan(p, " (default: calibrate Q-HyViT W8A8 first)")
     add_weights(p)
     add_img_size(p)
+    add_mode(p, " (default: the plan's, else partial)")
     p.add_argument("--target", default="host", help="a target in targets/ (default: host)")
     p.add_argument("--emit", nargs="+", default=["tvm"], choices=EMITS,
                    help="tvm: the integer TVM library (default); onnx: the QDQ ONNX model of the same plan, for"

@@ -6,12 +6,13 @@ cached in --work-dir/plans, the integer graph is built for the host and run with
 and the plan's QDQ ONNX model in onnxruntime over --limit test images (a seeded class-balanced subset; top-1 of
 each and their top-1 agreement with the fake-quant model), and every integer layer is checked bit for bit on
 --check such images (hyq_tvm.relax.verify). Writes
-reports/integer_graph.{json,md}; finished rows are kept in --work-dir/rows.json, so an interrupted
-run continues where it stopped.
+reports/integer_graph.{json,md} (rows of other models, modes and bit-widths kept); finished rows are kept in
+--work-dir/rows.json, so an interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..quant.modules import MODES
 from ..quant.plan import QuantPlan
 from ..quant.prepare import quantized_model
 from ..relax.integer import IntegerLayer
+from ..relax.census import float_ops
 from ..relax.pipeline import lower
 from ..relax.verify import check_values, debug_vm, first_mismatch, run_debug
 from ..targets import load_target
@@ -53,10 +55,11 @@ def cached_plan(model: str, sha: str, method: str, bits: int, mode: str, work_di
     return plan
 
 
-def host_graph(plan: QuantPlan) -> tuple[relax.VirtualMachine, list[IntegerLayer]]:
-    """The plan's integer graph with its debug function, built for the host, and its integer layers."""
+def host_graph(plan: QuantPlan) -> tuple[relax.VirtualMachine, list[IntegerLayer], int]:
+    """The plan's integer graph with its debug function, built for the host, its integer layers and float_ops."""
     lowered = lower(plan)
-    return debug_vm(lowered.mod, lowered.layers, load_target("host").tvm_target()), lowered.layers
+    vm = debug_vm(lowered.mod, lowered.layers, load_target("host").tvm_target())
+    return vm, lowered.layers, float_ops(lowered.mod)
 
 
 def integer_logits(vm: relax.VirtualMachine, images: torch.Tensor) -> np.ndarray:
@@ -98,7 +101,7 @@ def report_row(model: str, sha: str, method: str, bits: int, mode: str, limit: i
     """Agreement, the top-1s and the bit-exact check of one model at WbitsAbits in `mode`."""
     plan = cached_plan(model, sha, method, bits, mode, work_dir)
     start = time.perf_counter()
-    vm, layers = host_graph(plan)
+    vm, layers, floats = host_graph(plan)
     with tempfile.TemporaryDirectory() as scratch:
         session = onnx_session(export_onnx(plan, Path(scratch) / "model.onnx"))
     built = time.perf_counter()
@@ -109,6 +112,7 @@ def report_row(model: str, sha: str, method: str, bits: int, mode: str, limit: i
     exact = bitexact_check(vm, layers, check_images)
     return {"model": model, "method": method, "mode": mode, "wbits": bits, "abits": bits, **exact,
             **{f"integer_{op}": sum(layer.op == op for layer in layers) for op in ("softmax", "norm")},
+            "float_ops": floats,
             "agreement": _percent(pred["integer"] == pred["fakequant"]),
             "top1_integer": _percent(pred["integer"] == pred["label"]),
             "top1_fakequant": _percent(pred["fakequant"] == pred["label"]),
@@ -116,6 +120,16 @@ def report_row(model: str, sha: str, method: str, bits: int, mode: str, limit: i
             "top1_onnxruntime": _percent(pred["onnxruntime"] == pred["label"]),
             "images": len(pred["label"]), "check_images": len(check_images),
             "seconds": {"build": round(built - start, 1), "run": round(time.perf_counter() - built, 1)}}
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["method"], MODES.index(row["mode"]), -row["wbits"], -row["abits"]
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of `old` that `new` does not replace (same model, method, mode and bit-widths), and `new`, sorted."""
+    keys = {_key(r) for r in new}
+    return sorted([r for r in old if _key(r) not in keys] + new, key=_key)
 
 
 def markdown(rows: list[dict], skipped: list[str]) -> str:
@@ -126,16 +140,18 @@ def markdown(rows: list[dict], skipped: list[str]) -> str:
              " onnxruntime: the plan's QDQ ONNX model (`compile --emit onnx`) in onnxruntime.",
              " Mode partial: softmax / LayerNorm / GELU stay float islands; full: softmax and LayerNorm inputs are"
              " quantized too, and every softmax, and every LayerNorm / GroupNorm whose output is quantized, runs as"
-             " an integer kernel (hyq_tvm/relax/integer/; counts in the last column).",
+             " an integer kernel (hyq_tvm/relax/integer/; counts in the integer softmax / norm column); integer: every"
+             " tensor between layers is quantized too. float ops: the ops of the lowered graph that take or give"
+             " float32, but for the input's quantize and the output's dequantize.",
              "", "| model | method | mode | W/A | bit-exact (layer results, images) | agreement % | top-1 integer"
-             " | top-1 fake-quant | onnxruntime agreement % | top-1 onnxruntime | images | integer softmax / norm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | top-1 fake-quant | onnxruntime agreement % | top-1 onnxruntime | images | integer softmax / norm"
+             " | float ops |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = "yes" if r["bitexact"] else f"no (first: {r['first_mismatch']})"
         lines.append(f"| {r['model']} | {r['method']} | {r['mode']} | W{r['wbits']}A{r['abits']} | {exact} ({r['layers_checked']},"
                      f" {r['check_images']}) | {r['agreement']:.2f} | {r['top1_integer']:.2f} |"
                      f" {r['top1_fakequant']:.2f} | {r['agreement_onnxruntime']:.2f} | {r['top1_onnxruntime']:.2f} |"
-                     f" {r['images']} | {r['integer_softmax']} / {r['integer_norm']} |")
+                     f" {r['images']} | {r['integer_softmax']} / {r['integer_norm']} | {r.get('float_ops', '-')} |")
     if skipped:
         lines += ["", f"Skipped (no proxy checkpoint in hyq_tvm/checkpoints/): {', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
@@ -147,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_bits(p, many=True, default=BITS)
     p.add_argument("--method", default="qhyvit", choices=METHODS, help="calibration of the plans")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                   help="quantization modes (default: partial full)")
+                   help="quantization modes (default: all)")
     p.add_argument("--limit", type=int, default=2000, help="test images for top-1 and agreement (a seeded class-balanced subset)")
     p.add_argument("--check", type=int, default=4, help="test images for the layer-by-layer bit-exact check")
     return p.parse_args(argv)
@@ -167,7 +183,9 @@ def main(argv=None) -> None:
                 key = f"{model}/{sha[:16]}/{args.method}/W{bits}A{bits}/balanced{args.limit}/{args.check}{_suffix(mode)}"
                 rows.append(cache.get(key, lambda: report_row(model, sha, args.method, bits, mode, args.limit,
                                                               args.check, args.work_dir)))
-    write_json(args.reports / "integer_graph.json", rows)
+    path = args.reports / "integer_graph.json"
+    rows = merged(json.loads(path.read_text()) if path.is_file() else [], rows)
+    write_json(path, rows)
     with atomic_path(args.reports / "integer_graph.md") as tmp:
         tmp.write_text(markdown(rows, skipped))
     print(markdown(rows, skipped))

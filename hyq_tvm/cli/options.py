@@ -34,9 +34,18 @@ def add_plan(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--plan", type=Path, default=None, help=f"QuantPlan from python -m hyq_tvm.calibrate{note}")
 
 
+def add_mode(p: argparse.ArgumentParser, note: str = "") -> None:
+    from ..quant.modules import MODES
+
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="partial: conv2d / linear / matmul inputs quantized, softmax and norms float; full: softmax"
+                        " and norm inputs quantized too; integer: every tensor between layers too, nothing float"
+                        f" from the input's quantize to the output's dequantize{note}")
+
+
 def plan_from_args(args: argparse.Namespace, bits: int | None = None):
-    """The QuantPlan of --plan, checked against --model, --img-size, `bits` and the weights; without --plan, the
-    Q-HyViT W{bits}A{bits} plan (default 8) of --model calibrated now."""
+    """The QuantPlan of --plan, checked against --model, --img-size, --mode, `bits` and the weights; without --plan,
+    the Q-HyViT W{bits}A{bits} plan (default 8) of --model in --mode (default partial) calibrated now."""
     from ..quant.calibrate import calibrate
     from ..quant.plan import QuantPlan, check_weights
     from ..quant.quantizer import check_bits
@@ -47,8 +56,12 @@ def plan_from_args(args: argparse.Namespace, bits: int | None = None):
         if args.img_size is not None:
             zoo.check_img_size(args.img_size)
         bits = 8 if bits is None else check_bits(bits, "--bits")
-        return calibrate(name, args.weights, method="qhyvit", wbits=bits, abits=bits, img_size=args.img_size)[0]
+        return calibrate(name, args.weights, method="qhyvit", wbits=bits, abits=bits, img_size=args.img_size,
+                         mode=getattr(args, "mode", None) or "partial")[0]
     plan = QuantPlan.load(args.plan)
+    planned_mode = plan.calibration.get("mode", "partial")
+    if getattr(args, "mode", None) not in (None, planned_mode):
+        raise HyqError(f"the plan is in {planned_mode} mode, not {args.mode}: calibrate again with --mode {args.mode}")
     if args.model is not None and args.model != plan.model["name"]:
         raise HyqError(f"the plan is for {plan.model['name']}, not {args.model}")
     if args.img_size is not None and args.img_size != plan.model["img_size"]:

@@ -55,3 +55,13 @@ def constant_bytes(mod: tvm.IRModule) -> dict[str, int]:
     for dtype, size in seen.values():
         by_dtype[dtype] += size
     return {**dict(sorted(by_dtype.items())), "total": sum(by_dtype.values())}
+
+
+ENDS = ("relax.quantize(float32,float32,int8)->int8", "relax.dequantize(int8,float32,int8)->float32")
+
+
+def float_ops(mod: tvm.IRModule) -> int:
+    """Ops of the module that take or give float32, but for one quantize of the input and one dequantize of the
+    output: 0 when it is integer from the input's quantize to the output's dequantize."""
+    census = op_census(mod)
+    return sum(n for op, n in census.items() if "float32" in op) - sum(min(census.get(op, 0), 1) for op in ENDS)
