@@ -332,6 +332,13 @@ def write_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
         return _merge_reports(out_dir, key, row)
 
 
+def _plan_label(row: dict) -> str:
+    """'method WbAb', with the mode where it is not partial."""
+    cal = row.get("calibration") or {}
+    mode = cal.get("mode") or "partial"
+    return f"{cal.get('method')} W{cal.get('wbits')}A{cal.get('abits')}" + ("" if mode == "partial" else f" {mode}")
+
+
 def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     path = out_dir / f"device_{key}.json"
     rows = []
@@ -357,12 +364,12 @@ def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     for r in rows:
         dev = f"EMULATED ({r.get('board')}, qemu -cpu {r.get('qemu_cpu')})" if r.get("emulated") else str(r.get("board"))
         label = " (emulated)" if r.get("emulated") else ""
-        cal = r.get("calibration") or {}
-        lines.append(f"| {r['model']} | {cal.get('method')} W{cal.get('wbits')}A{cal.get('abits')} | {r['key']} | {dev} | "
+        lines.append(f"| {r['model']} | {_plan_label(r)} | {r['key']} | {dev} | "
                      f"{r['latency_ms_median']}{label} | {r['latency_ms_p90']}{label} | {r['runs']} | "
                      f"{'yes' if r['bitexact'] else 'NO'} ({r['bitexact_images']}/{r['images']}) | {r['top1']:.2f} | "
                      f"{r['images']} | {r['instructions'] if r['instructions'] is not None else 'n/a'} |")
-    notes = [f"- {r['model']}: instructions: {r['instructions_note']}" for r in rows if r.get("instructions_note")]
+    notes = [f"- {r['model']} {_plan_label(r)}: instructions: {r['instructions_note']}" for r in rows
+             if r.get("instructions_note")]
     lines += ["", *notes, ""]
     with atomic_path(md) as tmp:
         tmp.write_text("\n".join(lines))
