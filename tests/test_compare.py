@@ -82,7 +82,7 @@ def test_a_rerun_replaces_its_rows_and_keeps_the_others(run):
     assert rows[("efficientformer_l1", 2)] == _old_row("efficientformer_l1", 2)
     assert rows[("mobilevit_xxs", 1)]["cpu"] != "earlier CPU"
     md = (reports / "benchmark_host.md").read_text()
-    assert "| mobilevit_xxs | 64 | qhyvit W8A8 | 1 |" in md and "| efficientformer_l1 | 64 | 99 W99A99 | 2 |" in md
+    assert "| mobilevit_xxs | 64 | qhyvit W8A8 partial | 1 |" in md and "| efficientformer_l1 | 64 | 99 W99A99 partial | 2 |" in md
     assert "`python -m hyq_tvm.compare --earlier`" in md and rows[("mobilevit_xxs", 1)]["command"] in md
     assert (reports / "benchmark_host.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
