@@ -133,7 +133,7 @@ class TensorRouter(TorchFunctionMode):
                 self.census.consume(out)
         return out
 
-    def enter_layer(self, name: str, args) -> None:
+    def enter_layer(self, args) -> None:
         if self.census is not None:
             self.census.consume(args, as_layer_input=True)
         self.opaque += 1
@@ -169,7 +169,7 @@ def add_tensor_quantizers(model: nn.Module, example: torch.Tensor) -> TensorRout
     quantized = [name + "." for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
     for name, module in model.named_modules():
         if isinstance(module, QUANTIZED):
-            module.register_forward_pre_hook(lambda _, args, n=name: router.enter_layer(n, args))
+            module.register_forward_pre_hook(lambda _, args: router.enter_layer(args))
             module.register_forward_hook(lambda _, __, out, n=name: router.leave_layer(n, out), always_call=True)
         elif not any(name.startswith(q) for q in quantized):
             module.register_forward_pre_hook(lambda _, __, n=name: router.enter(n))
@@ -179,5 +179,4 @@ def add_tensor_quantizers(model: nn.Module, example: torch.Tensor) -> TensorRout
         quant = QuantAct("tensor", None)
         modules[owner].add_module(child, quant)
         router.routes[(owner, child)] = quant
-    model.hyq_router = router
     return router
