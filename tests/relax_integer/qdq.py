@@ -68,6 +68,14 @@ def scales(n: int, lo: float = 0.002, hi: float = 0.02) -> np.ndarray:
     return RNG.uniform(lo, hi, n).astype(np.float32)
 
 
+def grid(per_channel: bool, channels: int, lo: float = 0.01, hi: float = 0.05, zero: int = 10):
+    """(scale, zero point) of a tensor: per channel (scales in [lo, hi), zero points in [-zero, zero)), or per tensor
+    (the middle scale, one random zero point)."""
+    if per_channel:
+        return scales(channels, lo, hi), RNG.integers(-zero, zero, channels).astype(np.int8)
+    return np.float32((lo + hi) / 2), np.int8(RNG.integers(-zero, zero))
+
+
 def heavy_ops(mod: tvm.IRModule) -> list[tuple[str, tuple[str, ...], str]]:
     """(op, input dtypes, output dtype) of every conv2d / matmul in the module's Relax functions."""
     found = []

@@ -18,7 +18,7 @@ from hyq_tvm.relax.integer.rescale import (
 )
 from hyq_tvm.relax.requant import rescale_params
 
-from .qdq import RNG, assert_layers_bitexact, const, dq, int8, module, run, scales
+from .qdq import RNG, assert_layers_bitexact, const, dq, grid, int8, module, run, scales
 
 
 def params_of(in_scales, zero_points, s_o, z_o) -> list[np.ndarray]:
@@ -60,28 +60,26 @@ def test_quantized_concat_rescales_each_input_then_concatenates_int8():
     tvm.ir.assert_structural_equal(integerize(module(inputs, before)), module(inputs, expected, kernels))
 
 
+@pytest.mark.parametrize("op,twin", [("add", rescaled_sum), ("subtract", rescaled_difference)])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_residual_add_becomes_the_rescale_kernel(per_channel):
-    """quantize(dequantize(a) + dequantize(b)): one rescaled int64 sum, rounded once; the float add is gone.
-    b is a flipped a (one graph input, so that verify.py checks the layer from its own inputs)."""
+def test_residual_add_and_subtract_become_the_rescale_kernel(per_channel, op, twin):
+    """quantize(dequantize(a) +- dequantize(b)): one rescaled int64 sum (b's multiplier negated for a difference),
+    rounded once; the float op is gone. b is a flipped a (one graph input, so that verify.py checks the layer from
+    its own inputs)."""
     shape = (1, 6, 5, 5)
     a = int8(shape)
-    if per_channel:
-        s_a, z_a = scales(6, 0.01, 0.05), RNG.integers(-10, 10, 6).astype(np.int8)
-        s_o, z_o = scales(6, 0.03, 0.08), RNG.integers(-5, 5, 6).astype(np.int8)
-    else:
-        s_a, z_a, s_o, z_o = np.float32(0.03), np.int8(7), np.float32(0.05), np.int8(-3)
+    (s_a, z_a), (s_o, z_o) = grid(per_channel, 6), grid(per_channel, 6, 0.03, 0.08, 5)
     s_b, z_b = np.float32(0.011), np.int8(-20)
 
     def body(bb, av):
         bv = bb.emit(relax.op.flip(av, axis=3))
-        y = bb.emit(relax.op.add(bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))))
+        y = bb.emit(getattr(relax.op, op)(bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))))
         return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
 
     mod = module({"a": (shape, "int8")}, body)
-    got = assert_layers_bitexact(mod, a, ["add"])
-    assert "R.add" not in integerize(mod)["main"].script()
-    np.testing.assert_array_equal(got, rescaled_sum([a, a[..., ::-1]], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
+    got = assert_layers_bitexact(mod, a, [op])
+    assert f"R.{op}" not in integerize(mod)["main"].script()
+    np.testing.assert_array_equal(got, twin([a, a[..., ::-1]], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
     assert np.abs(run(mod, a).astype(np.int32) - got).max() <= 1
 
 
@@ -157,39 +155,11 @@ def test_a_constant_chain_folds_into_one_rescale_call():
     tvm.ir.assert_structural_equal(integerize(module(inputs, before)), module(inputs, expected, {"hyq_rescale0": kernel}))
 
 
-def grids(per_channel: bool, channels: int):
-    """(s_a, z_a) of an input: per channel along axis 1, or per tensor."""
-    if per_channel:
-        return scales(channels, 0.01, 0.05), RNG.integers(-10, 10, channels).astype(np.int8)
-    return np.float32(0.03), np.int8(7)
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_residual_subtract_becomes_the_rescale_kernel(per_channel):
-    """quantize(dequantize(a) - dequantize(b)), b a flipped a: one rescaled int64 sum, the second multiplier
-    negated."""
-    shape = (1, 6, 5, 5)
-    a = int8(shape)
-    (s_a, z_a), (s_o, z_o) = grids(per_channel, 6), grids(per_channel, 6)
-    s_b, z_b = np.float32(0.011), np.int8(-20)
-
-    def body(bb, av):
-        bv = bb.emit(relax.op.flip(av, axis=3))
-        y = bb.emit(relax.op.subtract(bb.emit(dq(av, s_a, z_a, axis=1)), bb.emit(dq(bv, s_b, z_b, axis=1))))
-        return relax.op.quantize(y, const(s_o, "float32"), const(z_o, "int8"), axis=1)
-
-    mod = module({"a": (shape, "int8")}, body)
-    got = assert_layers_bitexact(mod, a, ["subtract"])
-    assert "R.subtract" not in integerize(mod)["main"].script()
-    np.testing.assert_array_equal(got, rescaled_difference([a, a[..., ::-1]], [z_a, z_b], [s_a, s_b], s_o, z_o, 1))
-    assert np.abs(run(mod, a).astype(np.int32) - got).max() <= 1
-
-
 @pytest.mark.parametrize("per_channel_in,per_channel_out", [(False, False), (True, False), (False, True), (True, True)])
 def test_requantization_becomes_the_one_input_rescale(per_channel_in, per_channel_out):
     """quantize(dequantize(x)) onto another grid, per tensor or per channel (axis 1) on either side."""
     x = int8((2, 5, 4))
-    (s_x, z_x), (s_o, z_o) = grids(per_channel_in, 5), grids(per_channel_out, 5)
+    (s_x, z_x), (s_o, z_o) = grid(per_channel_in, 5), grid(per_channel_out, 5)
 
     def body(bb, xv):
         y = bb.emit(dq(xv, s_x, z_x, axis=1))
@@ -242,7 +212,7 @@ CHAINS = {  # constant steps on a dequantized (2, 3, 4, 4) tensor: a function of
 def test_constant_chains_become_the_one_input_rescale(name, per_channel):
     """Adds, subtracts, multiplies and divides by constants (scalars, per channel, tensors broadcasting to the input;
     either side; multipliers negative or zero) on a dequantized tensor: folded into one rescale, bit-exact."""
-    (s_x, z_x), (_, z_o) = grids(per_channel, 3), grids(per_channel, 3)
+    (s_x, z_x), (_, z_o) = grid(per_channel, 3), grid(per_channel, 3)
     mod, x = chain_module(SHAPE, s_x, z_x, CHAINS[name](), per_channel, z_o)
     got = assert_layers_bitexact(mod, x, ["affine"])
     script = integerize(mod)["main"].script()
@@ -291,7 +261,7 @@ STAY_FLOAT = {  # (steps, input grid per channel): a multiplier along two axes, 
 @pytest.mark.parametrize("name", list(STAY_FLOAT))
 def test_chains_the_rescale_cannot_take_stay_in_float(name):
     steps, per_channel = STAY_FLOAT[name]
-    s_x, z_x = grids(per_channel, 3)
+    s_x, z_x = grid(per_channel, 3)
     mod, _ = chain_module(SHAPE, s_x, z_x, steps(), False, np.int8(0))
     out, layers = integerize_layers(mod)
     assert layers == [] and "R.dequantize" in out["main"].script()

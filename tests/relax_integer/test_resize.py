@@ -14,7 +14,7 @@ from hyq_tvm.relax.integer.operand import consts
 from hyq_tvm.relax.integer.requantize import requant_params
 from hyq_tvm.relax.integer.resize import axis_taps, gather_primfunc, resize_primfunc, resized
 
-from .qdq import RNG, assert_layers_bitexact, const, dq, int8, module, run, scales
+from .qdq import RNG, assert_layers_bitexact, const, dq, grid, int8, module, run, scales
 
 # efficientformerv2_s0's two upsamplings (layout NCHW), as the torch frontend emits them
 EFFICIENTFORMER = {"roi": [0.0, 0.0, 0.0, 0.0], "method": "linear",
@@ -102,14 +102,6 @@ def test_nearest_upsampling_onto_its_input_grid_is_a_gather():
                                    module(inputs, expected, {"hyq_resize_gather0": kernel}))
 
 
-def _grids(channels: int, per_channel: bool):
-    """(s_in, z_in, s_o, z_o): per channel or per tensor, the output grid a little finer than the input's."""
-    if per_channel:
-        return (scales(channels, 0.02, 0.05), RNG.integers(-10, 10, channels).astype(np.int8),
-                scales(channels, 0.015, 0.04), RNG.integers(-6, 6, channels).astype(np.int8))
-    return np.float32(0.04), np.int8(5), np.float32(0.035), np.int8(-3)
-
-
 CASES = {  # (input shape, size, layout, attrs)
     "efficientformerv2": ((1, 1024, 2, 2), (4, 4), "NCHW", EFFICIENTFORMER),
     "bilinear_half_pixel": ((2, 6, 5, 4), (10, 8), "NCHW", {"method": "linear"}),
@@ -138,7 +130,7 @@ def test_resize_of_int8_is_bit_exact_and_within_one_step_of_float(case, per_chan
     shape, size, layout, attrs = CASES[case]
     axis = layout.index("C")
     x = int8(shape)
-    grids = _grids(shape[axis], per_channel)
+    grids = (*grid(per_channel, shape[axis], 0.02, 0.05), *grid(per_channel, shape[axis], 0.015, 0.04, 6))
     mod = resize_module(shape, size, *grids, layout, **attrs)
     got = assert_layers_bitexact(mod, x, ["resize"])
     assert "R.dequantize" not in integerize(mod)["main"].script()
