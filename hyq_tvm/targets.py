@@ -8,6 +8,7 @@ A target file holds:
   [rpc]        key = tracker key of the board, threads = TVM runtime threads on it (TVM_NUM_THREADS of the
                emulated board's RPC server; default: num-cores)
   [emulation]  qemu_arch, qemu_cpu: the qemu-user stand-in (hyq_tvm.devices) when no board is reachable
+Files with an [mcu] table instead are microcontroller boards, read by hyq_tvm.mcu.boards.
 
 tvm is imported lazily so that reading targets (e.g. the board table of hyq_tvm.devices) stays cheap.
 """
@@ -124,9 +125,17 @@ def _missing_avx512(config: dict[str, Any]) -> list[str]:
     return ["-avx512f"] if "avx512f" in features and "avx512f" not in cpuinfo.read_text().split() else []
 
 
+def _is_board(path: Path) -> bool:
+    """Whether the target file describes a microcontroller board (an [mcu] table: hyq_tvm.mcu reads it)."""
+    try:
+        return "mcu" in tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError:
+        return False
+
+
 def known_targets() -> list[str]:
-    """Names of the targets in targets/."""
-    return sorted(p.stem for p in TARGET_DIR.glob("*.toml"))
+    """Names of the LLVM targets in targets/ (not the microcontroller boards)."""
+    return sorted(p.stem for p in TARGET_DIR.glob("*.toml") if not _is_board(p))
 
 
 def _table(config: dict, key: str, path: Path) -> dict[str, Any]:
@@ -145,6 +154,9 @@ def load_target(name: str) -> TargetSpec:
         config = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise HyqError(f"target file {path} is not valid TOML ({err})") from None
+    if "mcu" in config:
+        raise HyqError(f"{name!r} is a microcontroller board: compile it with a plan calibrated with --mode integer "
+                       f"(python -m hyq_tvm.compile --target {name}); bench and devices take Linux targets")
     if not isinstance(config.get("llvm"), dict) or config["llvm"].get("kind") != "llvm":
         raise HyqError(f"target file {path} needs an [llvm] table with kind = \"llvm\"")
     cross, rpc, emu = (_table(config, k, path) for k in ("cross", "rpc", "emulation"))

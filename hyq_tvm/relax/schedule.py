@@ -46,7 +46,7 @@ def _factor(extent: int, most: int) -> int:
     return math.gcd(extent, 1 << (most.bit_length() - 1))
 
 
-def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+def is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
@@ -102,7 +102,7 @@ def _feeds_costly(sch: s_tir.Schedule, block) -> bool:
     return False
 
 
-def _inline(sch: s_tir.Schedule) -> None:
+def inline(sch: s_tir.Schedule) -> None:
     """Inline spatial blocks into their consumers (or consumers into them), except math functions into
     several consumers (computed twice) or into padding (computed lane by lane), and gathers into math functions
     (which would be computed lane by lane with them)."""
@@ -113,7 +113,7 @@ def _inline(sch: s_tir.Schedule) -> None:
         outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
         for block in sch.get_child_blocks(root):
             stmt = sch.get(block)
-            if stmt.name_hint in outputs or _is_reduction(sch, block) or KEEP in stmt.annotations:
+            if stmt.name_hint in outputs or is_reduction(sch, block) or KEEP in stmt.annotations:
                 continue
             consumers = sch.get_consumers(block)
             if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c))
@@ -129,7 +129,7 @@ def _inline(sch: s_tir.Schedule) -> None:
             break
     for block in reversed(sch.get_child_blocks(root)[1:]):
         stmt = sch.get(block)
-        if KEEP in stmt.annotations or _is_reduction(sch, block):
+        if KEEP in stmt.annotations or is_reduction(sch, block):
             continue
         producers = [sch.get(p) for p in sch.get_producers(block)]
         padded = _PADDING in _calls(stmt)
@@ -142,7 +142,7 @@ def _inline(sch: s_tir.Schedule) -> None:
             pass
 
 
-def _trivial_loops(sch: s_tir.Schedule, block) -> list | None:
+def trivial_loops(sch: s_tir.Schedule, block) -> list | None:
     """The block's loops, one per block iterator in the same order, or None when bound otherwise."""
     loops = sch.get_loops(block)
     values = _SBLOCK_REALIZE(sch, block).iter_values
@@ -157,7 +157,7 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, within: int = 0) ->
     loops = sch.get_loops(block)[within:]
     if not loops:
         return []
-    if _trivial_loops(sch, block) is not None:   # rows the vector does not divide: vectorize several at once
+    if trivial_loops(sch, block) is not None:   # rows the vector does not divide: vectorize several at once
         while len(loops) > 1 and _factor(_extent(sch, loops[-1]), lanes) < lanes:
             loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
     vec = _factor(_extent(sch, loops[-1]), lanes)
@@ -194,7 +194,7 @@ def _schedule_spatial(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 def _schedule_reduction(sch: s_tir.Schedule, block, lanes: int):
     """Tile a reduction's spatial loops around its unchanged reduction loops; the outer loop, or None."""
-    loops = _trivial_loops(sch, block)
+    loops = trivial_loops(sch, block)
     if loops is None:
         return None
     kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
@@ -277,7 +277,7 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
         return None
     lanes = int32_lanes(target)
     sch = s_tir.Schedule(func)
-    _inline(sch)
+    inline(sch)
     root = sch.get_sblock("root")
     anchor = None   # the outermost loop of the last reduction (all its outer loops fused): where its consumers go
     place = None    # how a consumer is computed at the anchor
@@ -293,7 +293,7 @@ def default_schedule(func: tirx.PrimFunc, target: tvm.target.Target, _tunable: b
             anchor = anchor if place else None
             finishes.append(finish)
             continue
-        if _is_reduction(sch, block):
+        if is_reduction(sch, block):
             if anchor is None or not _follow_reduction(sch, block, anchor, lanes):
                 anchor = _schedule_reduction(sch, block, lanes)
                 place = place_in_tile(sch, anchor, lanes)

@@ -1,0 +1,58 @@
+"""The static memory plan: every intermediate tensor (and each kernel's workspace) at an offset in one arena,
+tensors whose lifetimes overlap never sharing bytes.
+
+Lifetime of a buffer: from the step that writes it to the last step that reads it (or a view of it), both
+included. Placement: largest buffer first, each at the lowest aligned offset clear of the buffers already placed
+that live at the same time (greedy by size, as TFLite's planner). The lower bound of any plan for this execution
+order is the largest sum of bytes live at one step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALIGN = 16
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A block of the arena: its bytes and the first and last step that use it."""
+
+    name: str
+    nbytes: int
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class ArenaPlan:
+    """Offsets of the buffers in the arena, the arena's size and the lower bound of any plan."""
+
+    offsets: dict[str, int]
+    arena_bytes: int
+    lower_bound_bytes: int
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def lower_bound(buffers: list[Buffer]) -> int:
+    """The largest sum of bytes live at one step."""
+    steps = {step for b in buffers for step in (b.first, b.last)}
+    return max((sum(b.nbytes for b in buffers if b.first <= step <= b.last) for step in steps), default=0)
+
+
+def plan_arena(buffers: list[Buffer]) -> ArenaPlan:
+    """Offsets for `buffers` (names unique), greedy by size."""
+    placed: list[tuple[int, Buffer]] = []
+    for buffer in sorted(buffers, key=lambda b: (-b.nbytes, b.first, b.name)):
+        clashes = sorted((offset, offset + _aligned(b.nbytes)) for offset, b in placed
+                         if b.first <= buffer.last and buffer.first <= b.last)
+        offset = 0
+        for start, end in clashes:
+            if offset + buffer.nbytes <= start:
+                break
+            offset = max(offset, end)
+        placed.append((offset, buffer))
+    arena = max((offset + _aligned(b.nbytes) for offset, b in placed), default=0)
+    return ArenaPlan({b.name: offset for offset, b in placed}, arena, lower_bound(buffers))

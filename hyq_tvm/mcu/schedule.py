@@ -1,0 +1,55 @@
+"""A schedule for one core without vectors: elementwise blocks inlined, and the blocks that consume a
+reduction computed right after each of its outputs, so that accumulators need no buffer of their own."""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+from ..relax.schedule import KEEP, inline, is_reduction, trivial_loops
+
+
+def _epilogues_after(sch: s_tir.Schedule, block) -> None:
+    """Compute the spatial consumers of the reduction `block` inside its innermost spatial loop (in a chain:
+    the consumers of those too)."""
+    loops = trivial_loops(sch, block)
+    if loops is None:
+        return
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
+    if not spatial or kinds[:len(spatial)] != [tirx.IterVar.DataPar] * len(spatial):
+        return
+    todo = list(sch.get_consumers(block))
+    while todo:
+        consumer = todo.pop(0)
+        if is_reduction(sch, consumer) or KEEP in sch.get(consumer).annotations:
+            continue
+        try:
+            sch.reverse_compute_at(consumer, spatial[-1])
+        except s_tir.schedule.ScheduleError:
+            continue
+        todo.extend(sch.get_consumers(consumer))
+
+
+def mcu_schedule(func: tirx.PrimFunc, _target: tvm.target.Target, _tunable: bool = False) -> s_tir.Schedule:
+    """The schedule of `func` for a microcontroller core."""
+    sch = s_tir.Schedule(func)
+    inline(sch)
+    root = sch.get_sblock("root")
+    for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
+        block = sch.get_sblock(name)
+        if is_reduction(sch, block):
+            _epilogues_after(sch, block)
+    return sch
+
+
+MCU_RULE = dlight.ScheduleRule.from_callable("HyqMcu")(mcu_schedule)
+
+
+def schedule_pass() -> tvm.transform.Pass:
+    """Apply `mcu_schedule` to every PrimFunc not marked tirx.is_scheduled."""
+    @tvm.transform.module_pass(opt_level=0, name="HyqMcuSchedule")
+    def apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tvm.target.Target({"kind": "c"}):
+            return dlight.ApplyDefaultSchedule(MCU_RULE)(mod)
+    return apply
