@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import zoo
 from ..build import AUTO, EMITS, check_target, compile_plan
+from ..mcu.boards import is_mcu_target
 from .options import add_img_size, add_mode, add_model, add_plan, add_weights, plan_from_args
 
 
@@ -16,7 +17,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_weights(p)
     add_img_size(p)
     add_mode(p, " (default: the plan's, else partial)")
-    p.add_argument("--target", default="host", help="a target in targets/ (default: host)")
+    p.add_argument("--target", default="host", help="a target in targets/ (default: host); a microcontroller board"
+                                                     " (stm32h743, ...) gets a C folder and needs --mode integer")
+    p.add_argument("--emulate", type=int, nargs="?", const=20, default=0, metavar="N",
+                   help="microcontroller boards: run N proxy test images (default 20) on the board's QEMU machine"
+                        " and check every output bit-exact with the host integer graph")
     p.add_argument("--emit", nargs="+", default=["tvm"], choices=EMITS,
                    help="tvm: the integer TVM library (default); onnx: the QDQ ONNX model of the same plan, for"
                         " onnxruntime (model.onnx); both: --emit tvm onnx")
@@ -30,8 +35,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _compile_mcu(args: argparse.Namespace) -> None:
+    """The C folder for an MCU board, checked on its QEMU machine with --emulate."""
+    from .. import data
+    from ..mcu.boards import load_board
+    from ..mcu.build import compile_mcu, emulate
+
+    load_board(args.target)
+    args.mode = args.mode or "integer"
+    plan = plan_from_args(args)
+    out = args.output or Path("artifacts") / f"{plan.model['name']}-{args.target}"
+    model = compile_mcu(plan, args.target, out, args.weights)
+    m = model.memory
+    print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}"
+          f" (weights {m.weights_bytes:,} B, arena {m.arena_bytes:,} B, lower bound {m.arena_lower_bound_bytes:,} B)")
+    if args.emulate:
+        info = plan.model
+        images, labels = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"],
+                                                    limit=args.emulate, batch_size=args.emulate)))
+        result = emulate(model, images, labels)
+        print(f"EMULATED {result['qemu_machine']} ({args.target}): {result['bitexact']}/{result['images']} outputs "
+              f"bit-exact with the host integer graph, top-1 {result['top1']}%, "
+              f"{result['instructions_per_inference']:,} instructions per inference")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if is_mcu_target(args.target):
+        _compile_mcu(args)
+        return
     schedules = None if args.no_schedules else args.schedules or AUTO
     check_target(args.target, schedules if "tvm" in args.emit else None)
     plan = plan_from_args(args)

@@ -11,9 +11,12 @@ ran 16 % more instructions on Cortex-M4, M7 and M33, 478,427 against 413,912, an
 for 4-8 bytes less code; -O3 gained nothing): the weights, not the code, fill a model's flash.
 
 QEMU is not cycle accurate: emulated wall times say nothing about the real board; instruction counts are exact.
+A profile build (-DHYQ_PROFILE) has the model call hyq_step_marker(i) before its kernel call i and after the last;
+its emulated run gives the instructions of each kernel call.
 """
 from __future__ import annotations
 
+import bisect
 import re
 import shutil
 import subprocess
@@ -38,6 +41,11 @@ STACK_BYTES = 16 * 1024  # RAM the linker script keeps free above .bss for the s
 TOOLCHAIN = "arm-none-eabi-gcc"
 TOOLCHAIN_PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi"
 QEMU = "qemu-system-arm"
+BINUTILS_PACKAGE = "binutils-arm-none-eabi"
+MARKER = "hyq_step_marker"  # the function a profile build calls before each kernel call and after the last
+MODEL_PREFIXES = ("__tvm_ffi_", "hyq_")  # the names of the model's functions
+STARTUP_FUNCTIONS = ("hyq_exception", "hyq_semihost", "hyq_write")  # hyq_startup.c's, not the model's
+FLOAT_TYPES = ("f16", "f32", "f64", "bf16")  # the data types of floating-point instructions
 
 # Exit statuses of hyq_harness.c (name in the C code: meaning).
 HARNESS_STATUSES = {2: ("HYQ_USAGE", "bad harness command line"),
@@ -385,9 +393,10 @@ def _first_error(stderr: str) -> str:
     return next((line for line in lines if "error" in line or line.startswith("ld: ")), "no message")[:300]
 
 
-def build_emulated(folder: str | Path, board: Board, out_elf: str | Path) -> Path:
+def build_emulated(folder: str | Path, board: Board, out_elf: str | Path, profile: bool = False) -> Path:
     """Build the model's C folder with a semihosting test harness (hyq_harness.c) into `out_elf`, an ELF for
-    the board's QEMU machine (its memory map; the board's core and compiler flags); return its path."""
+    the board's QEMU machine (its memory map; the board's core and compiler flags); return its path.
+    profile: a profile build (-DHYQ_PROFILE), whose run_emulated(..., profile=True) counts each kernel call."""
     folder, out_elf = Path(folder).resolve(), Path(out_elf)
     gcc = _toolchain()
     sources = sorted(p for p in folder.glob("*.c") if p.name != STARTUP)
@@ -403,7 +412,7 @@ def build_emulated(folder: str | Path, board: Board, out_elf: str | Path) -> Pat
         ldscript = f"{board.qemu_machine}.ld"
         (build / ldscript).write_text(linker_script(board, board.qemu_memory, ldscript))
         with atomic_path(out_elf) as elf:
-            cmd = [gcc, *board.gcc_flags, *CFLAGS, "-I", str(folder), *map(str, sources), str(build / STARTUP),
+            cmd = [gcc, *board.gcc_flags, *CFLAGS, *(["-DHYQ_PROFILE"] if profile else []), "-I", str(folder), *map(str, sources), str(build / STARTUP),
                    str(build / HARNESS), "-T", str(build / ldscript), "-Wl,--gc-sections", "--specs=rdimon.specs",
                    "-lm", "-o", str(elf)]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -416,12 +425,14 @@ def build_emulated(folder: str | Path, board: Board, out_elf: str | Path) -> Pat
 @dataclass(frozen=True)
 class Emulated:
     """What an emulated run gave: the outputs (N, HYQ_OUTPUT_BYTES) int8, the instructions one inference
-    executed (None when not counted), and the wall-clock seconds of the run (QEMU start-up included; says
-    nothing about the real board)."""
+    executed (None when not counted), the wall-clock seconds of the run (QEMU start-up included; says
+    nothing about the real board) and, from a profiled run, the instructions of each kernel call of the first
+    inference (None when not profiled)."""
 
     outputs: np.ndarray
     instructions_per_inference: int | None
     seconds: float
+    step_instructions: tuple[int, ...] | None = None
 
 
 def _status(code: int) -> str:
@@ -443,14 +454,15 @@ def _tail(*outputs: bytes | str | None) -> str:
 
 
 def _run_qemu(qemu: str, elf: Path, board: Board, where: Path, n: int, mode: str, plugin: Path | None,
-              timeout: float) -> int | None:
-    """One run of the harness in `where` (inputs.bin -> outputs.bin); its instruction count when counted."""
+              timeout: float, mark: int | None = None) -> str | None:
+    """One run of the harness in `where` (inputs.bin -> outputs.bin); the plugin's report when counted (with
+    the marks of the function at address `mark` when given)."""
     count = where / f"icount-{mode}"
     cmd = [qemu, "-M", board.qemu_machine, "-nographic", "-semihosting-config",
            f"enable=on,target=native,arg=hyq,arg=inputs.bin,arg=outputs.bin,arg={n},arg={mode}",
            "-kernel", str(elf)]
     if plugin is not None:
-        cmd += ["-plugin", f"{plugin},out={count}"]
+        cmd += ["-plugin", f"{plugin},out={count}" + (f",mark={mark:#x}" if mark is not None else "")]
     try:
         proc = subprocess.run(cmd, cwd=where, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
     except subprocess.TimeoutExpired as err:
@@ -463,16 +475,32 @@ def _run_qemu(qemu: str, elf: Path, board: Board, where: Path, n: int, mode: str
         return None
     if not count.is_file():
         raise HyqError("the QEMU plugin wrote no instruction count")
-    return parse_count(count.read_text())
+    return count.read_text()
+
+
+def _step_instructions(report: str, n: int) -> tuple[int, ...]:
+    """The instructions between successive hyq_step_marker calls of the first of `n` inferences, from the
+    plugin's icount_marks line."""
+    line = next((line.split()[1:] for line in report.splitlines() if line.split()[:1] == ["icount_marks"]), None)
+    if line is None:
+        raise HyqError("the QEMU plugin wrote no icount_marks line: rebuild it from native/icount.c")
+    marks = [int(mark) for mark in line]
+    if not marks or len(marks) % n:
+        raise HyqError(f"{MARKER} ran {len(marks)} times in {n} inferences, not the same number of times (at least "
+                       f"once) in each: the model must call it before each kernel call and after the last")
+    first = marks[:len(marks) // n]
+    return tuple(b - a for a, b in zip(first, first[1:]))
 
 
 def run_emulated(elf: str | Path, board: Board, inputs: np.ndarray, count_instructions: bool = True,
-                 timeout: float = 600) -> Emulated:
+                 timeout: float = 600, profile: bool = False) -> Emulated:
     """Run the harness ELF of build_emulated on the board's QEMU machine over `inputs` (N, ...) int8, one
     inference per row. With count_instructions, instructions_per_inference is the mean over the N inputs
     (rounded to the nearest integer) of the instructions a hyq_model_run call executes, the call itself
     included: the instruction count of this run minus that of a second run which skips the model. It is
-    exact and deterministic. Each QEMU run may take `timeout` seconds."""
+    exact and deterministic. With profile (an ELF of build_emulated(..., profile=True)), step_instructions[i]
+    is what kernel call i of the first inference executed, from the hyq_step_marker call before it to the one
+    after it (so its few call instructions included); also exact. Each QEMU run may take `timeout` seconds."""
     elf = Path(elf).resolve()
     qemu = shutil.which(QEMU)
     if qemu is None:
@@ -485,22 +513,107 @@ def run_emulated(elf: str | Path, board: Board, inputs: np.ndarray, count_instru
         raise HyqError(f"the inputs must be an int8 array of shape (N, ...) with N >= 1, got {data.dtype} "
                        f"{data.shape}")
     n = len(data)
-    plugin = build_plugin() if count_instructions else None
+    mark = _marker_address(elf) if profile else None
+    plugin = build_plugin() if count_instructions or profile else None
     with tempfile.TemporaryDirectory(prefix="hyq-qemu-") as tmp:
         where = Path(tmp)
         (where / "inputs.bin").write_bytes(np.ascontiguousarray(data).tobytes())
         start = time.perf_counter()
-        counted = _run_qemu(qemu, elf, board, where, n, "run", plugin, timeout)
+        report = _run_qemu(qemu, elf, board, where, n, "run", plugin, timeout, mark)
         seconds = time.perf_counter() - start
         raw = (where / "outputs.bin").read_bytes()
         if not raw or len(raw) % n:
             raise HyqError(f"{elf.name} wrote {len(raw)} output bytes for {n} inputs: rebuild it with "
                            f"build_emulated")
         per_inference = None
-        if plugin is not None:
-            skipped = _run_qemu(qemu, elf, board, where, n, "skip", plugin, timeout)
-            per_inference = (2 * (counted - skipped) + n) // (2 * n)
-    return Emulated(np.frombuffer(raw, np.int8).reshape(n, -1).copy(), per_inference, seconds)
+        if count_instructions:
+            skipped = parse_count(_run_qemu(qemu, elf, board, where, n, "skip", plugin, timeout))
+            per_inference = (2 * (parse_count(report) - skipped) + n) // (2 * n)
+    return Emulated(np.frombuffer(raw, np.int8).reshape(n, -1).copy(), per_inference, seconds,
+                    _step_instructions(report, n) if profile else None)
+
+
+def _binutil(tool: str, *args: str | Path) -> str:
+    """The output of arm-none-eabi-TOOL ARGS; a HyqError naming the package when missing or failing."""
+    path = shutil.which(f"arm-none-eabi-{tool}")
+    if path is None:
+        raise HyqError(f"arm-none-eabi-{tool} not found: install the Debian package {BINUTILS_PACKAGE} "
+                       f"(apt-get install {BINUTILS_PACKAGE}, or run scripts/setup.sh)")
+    r = subprocess.run([path, *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise HyqError(f"arm-none-eabi-{tool} failed: {(r.stderr.strip().splitlines() or ['no message'])[0][:300]}")
+    return r.stdout
+
+
+def _functions(elf: Path) -> dict[str, tuple[int, int]]:
+    """The ELF's functions: {name: (start address without the Thumb bit, size in bytes)}."""
+    if not elf.is_file():
+        raise HyqError(f"{elf} not found: build it with build_emulated first")
+    functions = {}
+    for fields in map(str.split, _binutil("nm", "--defined-only", "-S", elf).splitlines()):
+        if len(fields) == 4 and fields[2] in ("T", "t"):
+            functions[fields[3]] = (int(fields[0], 16) & ~1, int(fields[1], 16))
+    return functions
+
+
+def _marker_address(elf: Path) -> int:
+    """The address of hyq_step_marker in a profile build."""
+    functions = _functions(elf)
+    clones = sorted(name for name in functions if name.startswith(f"{MARKER}."))
+    if clones:
+        raise HyqError(f"the compiler copied {MARKER} into {', '.join(clones)}, which the model calls instead: "
+                       f"declare it __attribute__((noipa))")
+    if MARKER not in functions:
+        raise HyqError(f"{elf.name} has no {MARKER}: not a profile build; build it with "
+                       f"build_emulated(..., profile=True) from a model emitted with the profiling hook")
+    return functions[MARKER][0]
+
+
+def code_size(elf: str | Path) -> dict[str, int]:
+    """The bytes of an ELF's sections, as arm-none-eabi-size counts them: "text" (code, constants, vector table;
+    in flash), "data" (initialised variables: in RAM, their first values also in flash) and "bss" (zeroed
+    variables, in RAM)."""
+    elf = Path(elf)
+    if not elf.is_file():
+        raise HyqError(f"{elf} not found: build it with build_emulated first")
+    text, data, bss = (int(v) for v in _binutil("size", "-B", elf).splitlines()[1].split()[:3])
+    return {"text": text, "data": data, "bss": bss}
+
+
+def _is_float(mnemonic: str, operands: str) -> bool:
+    """Whether an instruction (objdump's text) is a floating-point one: see float_instructions."""
+    return mnemonic.startswith("v") and (
+        any(kind in FLOAT_TYPES for kind in mnemonic.split(".")[1:])
+        or re.search(r"\b([sd]\d+|fpscr)\b", operands.split("@")[0].split("<")[0]) is not None)
+
+
+def float_instructions(elf: str | Path, functions: list[str] | None = None) -> list[str]:
+    """The floating-point instructions in the ELF's `functions` (default: the model's, those named
+    __tvm_ffi_* or hyq_*, not the start-up code's), each as "function: instruction" (objdump's text), in
+    address order. Floating point: an FPU or MVE instruction (mnemonic "v...") with a floating-point data type
+    (.f16, .f32, .f64, .bf16: vadd.f32, vcvt.s32.f32, MVE's vmul.f32 q0, ...) or with an operand in the FPU's
+    registers s0-s31, d0-d31 or fpscr (vldr s0, vmov r0, s1, vpush {d8}, vmrs APSR_nzcv, fpscr). Integer MVE
+    on q registers (vmla.s8, vldrb.8 q0, ...) is not floating point."""
+    elf = Path(elf)
+    known = _functions(elf)
+    if functions is None:
+        functions = [name for name in known if name.startswith(MODEL_PREFIXES) and name not in STARTUP_FUNCTIONS]
+    missing = [name for name in functions if name not in known]
+    if missing:
+        raise HyqError(f"{elf.name} has no function {', '.join(missing)}: name functions it defines")
+    ranges = sorted((known[name][0], known[name][0] + known[name][1], name) for name in set(functions))
+    if not ranges:
+        return []
+    starts = [start for start, _, _ in ranges]
+    listing = _binutil("objdump", "-d", "--no-show-raw-insn", f"--start-address={starts[0]:#x}",
+                       f"--stop-address={max(end for _, end, _ in ranges):#x}", elf)
+    found = []
+    for match in re.finditer(r"^\s*([0-9a-f]+):\s+(\S+)[ \t]*(.*)$", listing, re.M):
+        address, mnemonic, operands = int(match[1], 16), match[2], match[3]
+        start, end, name = ranges[max(bisect.bisect_right(starts, address) - 1, 0)]
+        if start <= address < end and _is_float(mnemonic, operands):
+            found.append(f"{name}: " + " ".join(f"{mnemonic} {operands}".split()))
+    return found
 
 
 def _kib(n: int) -> str:
