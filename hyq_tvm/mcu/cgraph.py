@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.ir.expr import Constant
 
 from ..errors import HyqError
@@ -181,5 +181,6 @@ def static_graph(mod: tvm.IRModule) -> StaticGraph:
     output = reader.arg(func.body.body)
     if output in reader.views or output == "input" or reader.values[output].data is not None:
         raise HyqError("the graph's output is not computed by a kernel")
-    kernels = tvm.IRModule({gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)})
+    called = {step.kernel for step in reader.steps}
+    kernels = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint in called})
     return StaticGraph(kernels, reader.values, reader.steps, "input", output, reader.views, input_grid, output_grid)

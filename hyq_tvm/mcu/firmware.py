@@ -580,20 +580,23 @@ def code_size(elf: str | Path) -> dict[str, int]:
     return {"text": text, "data": data, "bss": bss}
 
 
-def _is_float(mnemonic: str, operands: str) -> bool:
+def _is_float(mnemonic: str, operands: str, mve: bool) -> bool:
     """Whether an instruction (objdump's text) is a floating-point one: see float_instructions."""
     return mnemonic.startswith("v") and (
         any(kind in FLOAT_TYPES for kind in mnemonic.split(".")[1:])
-        or re.search(r"\b([sd]\d+|fpscr)\b", operands.split("@")[0].split("<")[0]) is not None)
+        or not mve and re.search(r"\b([sd]\d+|fpscr)\b", operands.split("@")[0].split("<")[0]) is not None)
 
 
 def float_instructions(elf: str | Path, functions: list[str] | None = None) -> list[str]:
     """The floating-point instructions in the ELF's `functions` (default: the model's, those named
     __tvm_ffi_* or hyq_*, not the start-up code's), each as "function: instruction" (objdump's text), in
     address order. Floating point: an FPU or MVE instruction (mnemonic "v...") with a floating-point data type
-    (.f16, .f32, .f64, .bf16: vadd.f32, vcvt.s32.f32, MVE's vmul.f32 q0, ...) or with an operand in the FPU's
-    registers s0-s31, d0-d31 or fpscr (vldr s0, vmov r0, s1, vpush {d8}, vmrs APSR_nzcv, fpscr). Integer MVE
-    on q registers (vmla.s8, vldrb.8 q0, ...) is not floating point."""
+    (.f16, .f32, .f64, .bf16: vadd.f32, vcvt.s32.f32, vmov.f32 s0, #1.0, MVE's vmul.f32 q0, ...) and, on a core
+    without MVE, any other with an operand in the FPU's registers s0-s31, d0-d31 or fpscr (vldr s0, vmov r0, s1,
+    vpush {d8}, vmrs APSR_nzcv, fpscr; gcc's spills of integers into s registers too). On a core with MVE
+    (Cortex-M55) those registers are the halves of the q registers, which integer MVE loads and moves through
+    (vldr d4 of a vector constant), so there only the typed instructions count. Integer MVE (vmla.s8,
+    vldrb.8 q0, ...) is never floating point."""
     elf = Path(elf)
     known = _functions(elf)
     if functions is None:
@@ -605,13 +608,15 @@ def float_instructions(elf: str | Path, functions: list[str] | None = None) -> l
     if not ranges:
         return []
     starts = [start for start, _, _ in ranges]
-    listing = _binutil("objdump", "-d", "--no-show-raw-insn", f"--start-address={starts[0]:#x}",
-                       f"--stop-address={max(end for _, end, _ in ranges):#x}", elf)
+    mve = "Tag_MVE_arch:" in _binutil("readelf", "-A", elf)
+    listing = _binutil("objdump", "-d", "--no-show-raw-insn", *(["-m", "armv8.1-m.main"] if mve else []),
+                       f"--start-address={starts[0]:#x}", f"--stop-address={max(end for _, end, _ in ranges):#x}",
+                       elf)  # objdump decodes MVE only when told the architecture
     found = []
     for match in re.finditer(r"^\s*([0-9a-f]+):\s+(\S+)[ \t]*(.*)$", listing, re.M):
         address, mnemonic, operands = int(match[1], 16), match[2], match[3]
         start, end, name = ranges[max(bisect.bisect_right(starts, address) - 1, 0)]
-        if start <= address < end and _is_float(mnemonic, operands):
+        if start <= address < end and _is_float(mnemonic, operands, mve):
             found.append(f"{name}: " + " ".join(f"{mnemonic} {operands}".split()))
     return found
 

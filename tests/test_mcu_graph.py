@@ -1,0 +1,130 @@
+"""The microcontroller backend on this machine: static graph, memory plan and generated C, compiled with the host's
+gcc and checked bit for bit against TVM's build of the same integer graph."""
+import ctypes
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from hyq_tvm.errors import HyqError
+from hyq_tvm.mcu.build import compile_mcu, quantize_input
+from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
+from hyq_tvm.mcu.emit import buffers, write_c_folder
+from hyq_tvm.mcu.kernels import kernel_source
+from hyq_tvm.mcu.memory import Buffer, lower_bound, plan_arena
+from hyq_tvm.quant.baselines.minmax import calibrate_minmax
+from hyq_tvm.quant.plan import QuantPlan, plan_layers
+from hyq_tvm.relax.annotate import annotate
+from hyq_tvm.relax.importer import to_relax
+from hyq_tvm.relax.integer import integerize_layers
+from hyq_tvm.relax.pipeline import build
+from hyq_tvm.relax.sink import sink_dequantize
+from hyq_tvm.targets import load_target
+
+from test_tensors import _Block, _integer
+
+
+def test_buffers_alive_at_once_never_share_bytes_and_the_arena_meets_the_lower_bound():
+    rng = np.random.default_rng(0)
+    found = []
+    for i in range(60):
+        first = int(rng.integers(0, 40))
+        found.append(Buffer(f"b{i}", int(rng.integers(1, 5000)), first, first + int(rng.integers(0, 6))))
+    plan = plan_arena(found)
+    for a in found:
+        for b in found:
+            if a.name < b.name and a.first <= b.last and b.first <= a.last:
+                ea, eb = plan.offsets[a.name] + a.nbytes, plan.offsets[b.name] + b.nbytes
+                assert ea <= plan.offsets[b.name] or eb <= plan.offsets[a.name], (a, b)
+    assert all(plan.offsets[b.name] % 16 == 0 for b in found)
+    assert plan.lower_bound_bytes == lower_bound(found) <= plan.arena_bytes
+    assert plan.arena_bytes <= 1.1 * plan.lower_bound_bytes + 16 * len(found)
+
+
+def test_a_chain_reuses_memory_down_to_its_lower_bound():
+    chain = [Buffer("a", 1000, 0, 1), Buffer("b", 2000, 1, 2), Buffer("c", 1000, 2, 3), Buffer("d", 500, 3, 4)]
+    plan = plan_arena(chain)
+    assert plan.lower_bound_bytes == 3000
+    assert plan.arena_bytes == 3008   # a (1000, aligned 1008) then b beside it; c and d reuse a's and b's bytes
+    assert plan.offsets["c"] + 1000 <= plan.offsets["b"] or plan.offsets["c"] >= plan.offsets["b"] + 2000
+
+
+@pytest.fixture(scope="module")
+def small_graph():
+    """The integer graph of a small integer-mode model (conv, SiLU lookup, residual add, matmul, mean, scale)."""
+    torch.manual_seed(0)
+    model, x = _Block().eval(), torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        _integer(model, x)
+        calibrate_minmax(model, x, 8, 8)
+    plan = QuantPlan({}, {"mode": "integer"}, plan_layers(model, []))
+    mod = relax.transform.DecomposeOpsForInference()(to_relax(model, x[:1]))
+    mod, _ = integerize_layers(sink_dequantize(annotate(mod, plan)))
+    return mod
+
+
+def _host_library(folder) -> ctypes.CDLL:
+    sources = sorted(str(p) for p in folder.glob("*.c"))
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-Wall", "-Werror=implicit-function-declaration",
+                    "-o", str(folder / "model.so"), *sources], check=True)
+    return ctypes.CDLL(str(folder / "model.so"))
+
+
+def test_the_generated_c_is_bit_exact_with_tvm_and_has_no_float(small_graph, tmp_path):
+    graph = static_graph(small_graph)
+    kernels = kernel_source(graph.kernels)
+    assert "float" not in kernels.source and "double" not in kernels.source
+    memory = write_c_folder(tmp_path, graph, kernels, "block")
+    assert memory.arena_bytes >= memory.arena_lower_bound_bytes > 0
+    assert memory.arena_bytes <= 1.1 * memory.arena_lower_bound_bytes + 64
+    assert memory.weights_bytes == sum(v.nbytes for v in graph.values.values() if v.data is not None)
+    header = (tmp_path / "hyq_model.h").read_text()
+    assert f"#define HYQ_INPUT_BYTES {3 * 8 * 8}" in header and "#define HYQ_OUTPUT_BYTES 5" in header
+    lib = _host_library(tmp_path)
+    vm = tvm.relax.VirtualMachine(build(strip_ends(small_graph)[0], load_target("host").tvm_target()), tvm.cpu())
+    rng = np.random.default_rng(1)
+    outputs = []
+    for _ in range(4):
+        x = rng.integers(-128, 128, (1, 3, 8, 8), dtype=np.int8)
+        out = np.zeros(5, np.int8)
+        assert lib.hyq_model_run(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p)) == 0
+        np.testing.assert_array_equal(out, vm["main"](tvm.runtime.tensor(x)).numpy().reshape(-1))
+        outputs.append(out)
+    assert len({o.tobytes() for o in outputs}) == 4
+
+
+def test_every_intermediate_and_workspace_is_planned_and_kernels_get_their_tensors(small_graph):
+    graph = static_graph(small_graph)
+    planned = {b.name for b in buffers(graph, {})}
+    computed = {a for step in graph.steps for a in step.args[len(step.args) - step.outputs:]}
+    assert planned == computed - {graph.output}
+    assert graph.steps[0].args[0] == graph.input and graph.output in graph.steps[-1].args
+    assert {s.kernel for s in graph.steps} == {gv.name_hint for gv, _ in graph.kernels.functions_items()}
+
+
+def test_the_input_is_quantized_as_the_graph_quantizes_it():
+    grid = Grid((0.5,), (3,), 1)
+    x = np.array([[[[0.25, 0.75, -1.25, 100.0, -100.0]]]], np.float32)
+    np.testing.assert_array_equal(quantize_input(x, grid).ravel(), [3, 5, 1, 127, -128])   # 0.5 -> 0, 1.5 -> 2
+    grid = Grid((1.0, 0.25), (0, -1), 1)
+    x = np.ones((1, 2, 1, 1), np.float32)
+    np.testing.assert_array_equal(quantize_input(x, grid).ravel(), [1, 3])
+
+
+def test_a_graph_with_float_ends_missing_is_refused(small_graph):
+    stripped, grid_in, grid_out = strip_ends(small_graph)
+    assert len(grid_in.scale) == 1 and len(grid_out.scale) == 1
+    with pytest.raises(HyqError, match="--mode integer"):
+        strip_ends(stripped)
+
+
+def test_a_partial_mode_plan_is_refused_for_a_microcontroller(tmp_path):
+    plan = QuantPlan({"name": "mobilevit_xxs"}, {"mode": "partial", "wbits": 8, "abits": 8}, {})
+    with pytest.raises(HyqError, match=r"^the plan is in partial mode, .* --mode integer$"):
+        compile_mcu(plan, "stm32h743", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(HyqError, match="unknown MCU board 'stm32f0'"):
+        compile_mcu(plan, "stm32f0", tmp_path / "out")
