@@ -3,6 +3,7 @@
  * Debian ships no qemu-plugin.h, so the few API functions used here are declared by hand.
  * Build: gcc -shared -fPIC -O2 -o icount.so icount.c
  * Use:   qemu-aarch64 -cpu cortex-a72 -plugin ./icount.so[,out=FILE][,fork=reset][,code=A:B] ./prog
+ *        qemu-system-arm -M mps2-an500 -plugin ./icount.so[,out=FILE][,mark=ADDR] -kernel firmware.elf
  * At exit the count is written as "icount N" to FILE (a "%p" in FILE becomes the pid, so that
  * forked processes write their own files), else to stderr. With fork=reset a forked child starts
  * counting from zero (its own instructions only) instead of inheriting its parent's count.
@@ -11,11 +12,16 @@
  * With code=A:B, a second line "icount_code M" counts only the instructions in executable mappings
  * whose file path contains A or B (found in /proc/self/maps by the host address of a block's code):
  * the instructions of a given library, which stay deterministic in a multi-threaded program whose
- * other threads spin or serve sockets. */
+ * other threads spin or serve sockets.
+ * With mark=ADDR (hexadecimal guest address; bit 0, the Thumb bit of a symbol's address, is ignored), a last
+ * line "icount_marks C1 C2 ..." lists the count before each execution of a block that starts at ADDR: the
+ * entry of a function (a call target always starts a block), so that the differences between successive
+ * marks are the instructions between its calls. Exact for one vCPU (qemu-system-arm's Cortex-M machines). */
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -36,6 +42,7 @@ void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, tb_trans_cb_t cb
 void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb *tb, vcpu_udata_cb_t cb,
                                           int flags, void *udata);
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
 void *qemu_plugin_insn_haddr(const struct qemu_plugin_insn *insn);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, udata_cb_t cb, void *udata);
@@ -48,6 +55,10 @@ enum { NR_CLONE = 220, CLONE_VM = 0x100 }; /* aarch64 */
 static uint64_t count, code_count;
 static __thread uint64_t clone_flags;
 static char out_path[4096], code_paths[1024];
+static int marking;
+static uint64_t mark_addr, *marks;
+static size_t n_marks, marks_size;
+static pthread_mutex_t marks_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* The host address ranges of the mappings in /proc/self/maps; `code` marks the counted ones. */
 enum { MAX_RANGES = 8192 };
@@ -101,12 +112,27 @@ static void tb_exec(unsigned int vcpu, void *udata) {
   if (n & CODE_FLAG) __atomic_fetch_add(&code_count, n & ~CODE_FLAG, __ATOMIC_RELAXED);
 }
 
+/* tb_exec for a block that starts at mark_addr: first records the count so far. */
+static void tb_exec_mark(unsigned int vcpu, void *udata) {
+  pthread_mutex_lock(&marks_lock);
+  if (n_marks == marks_size) {
+    marks_size = marks_size ? 2 * marks_size : 1024;
+    marks = realloc(marks, marks_size * sizeof *marks);
+    if (!marks) { fputs("icount: out of memory for the marks\n", stderr); abort(); }
+  }
+  marks[n_marks++] = __atomic_load_n(&count, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&marks_lock);
+  tb_exec(vcpu, udata);
+}
+
 static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
   (void)id;
   uint64_t n = qemu_plugin_tb_n_insns(tb);
   if (code_paths[0] && n && in_counted_code((uintptr_t)qemu_plugin_insn_haddr(qemu_plugin_tb_get_insn(tb, 0))))
     n |= CODE_FLAG;
-  qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, (void *)(uintptr_t)n);
+  int mark = marking && qemu_plugin_tb_vaddr(tb) == mark_addr;
+  qemu_plugin_register_vcpu_tb_exec_cb(tb, mark ? tb_exec_mark : tb_exec, QEMU_PLUGIN_CB_NO_REGS,
+                                       (void *)(uintptr_t)n);
 }
 
 static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint64_t a1, uint64_t a2,
@@ -125,18 +151,24 @@ static void on_syscall_ret(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, 
 
 static void at_exit(qemu_plugin_id_t id, void *udata) {
   (void)id; (void)udata;
-  char text[128];
-  int len = snprintf(text, sizeof text, "icount %" PRIu64 "\n", __atomic_load_n(&count, __ATOMIC_RELAXED));
-  if (code_paths[0])
-    snprintf(text + len, sizeof text - len, "icount_code %" PRIu64 "\n",
-             __atomic_load_n(&code_count, __ATOMIC_RELAXED));
-  if (!out_path[0]) { fputs(text, stderr); return; }
-  char path[4200];
-  char *pc = strstr(out_path, "%p");
-  if (pc) snprintf(path, sizeof path, "%.*s%d%s", (int)(pc - out_path), out_path, (int)getpid(), pc + 2);
-  else snprintf(path, sizeof path, "%s", out_path);
-  FILE *f = fopen(path, "w");
-  if (f) { fputs(text, f); fclose(f); }
+  FILE *f = stderr;
+  if (out_path[0]) {
+    char path[4200];
+    char *pc = strstr(out_path, "%p");
+    if (pc) snprintf(path, sizeof path, "%.*s%d%s", (int)(pc - out_path), out_path, (int)getpid(), pc + 2);
+    else snprintf(path, sizeof path, "%s", out_path);
+    if (!(f = fopen(path, "w"))) return;
+  }
+  fprintf(f, "icount %" PRIu64 "\n", __atomic_load_n(&count, __ATOMIC_RELAXED));
+  if (code_paths[0]) fprintf(f, "icount_code %" PRIu64 "\n", __atomic_load_n(&code_count, __ATOMIC_RELAXED));
+  if (marking) {
+    pthread_mutex_lock(&marks_lock);
+    fputs("icount_marks", f);
+    for (size_t i = 0; i < n_marks; i++) fprintf(f, " %" PRIu64, marks[i]);
+    fputc('\n', f);
+    pthread_mutex_unlock(&marks_lock);
+  }
+  if (f != stderr) fclose(f);
 }
 
 __attribute__((visibility("default")))
@@ -145,6 +177,15 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
   for (int i = 0; i < argc; i++) {
     if (strncmp(argv[i], "out=", 4) == 0) snprintf(out_path, sizeof out_path, "%s", argv[i] + 4);
     if (strncmp(argv[i], "code=", 5) == 0) snprintf(code_paths, sizeof code_paths, "%s", argv[i] + 5);
+    if (strncmp(argv[i], "mark=", 5) == 0) {
+      char *end;
+      mark_addr = strtoull(argv[i] + 5, &end, 16) & ~1ULL;
+      if (end == argv[i] + 5 || *end) {
+        fprintf(stderr, "icount: mark=%s is not a hexadecimal address\n", argv[i] + 5);
+        return 1;
+      }
+      marking = 1;
+    }
     if (strcmp(argv[i], "fork=reset") == 0) {
       qemu_plugin_register_vcpu_syscall_cb(id, on_syscall);
       qemu_plugin_register_vcpu_syscall_ret_cb(id, on_syscall_ret);

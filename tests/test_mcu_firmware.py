@@ -1,8 +1,10 @@
 """Firmware for MCU boards: a tiny hand-written model C folder gets the board files (start-up code, linker script,
 Makefile), is built with the semihosting harness for each QEMU machine and run there (outputs equal numpy's,
-exact and repeatable instruction counts); failures, faults, missing tools and models too big are reported."""
+exact and repeatable instruction counts, per kernel call in a profile build); code sizes and floating-point
+instructions are read from the ELF; failures, faults, missing tools and models too big are reported."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 from hyq_tvm.errors import HyqError
 from hyq_tvm.mcu import firmware
 from hyq_tvm.mcu.boards import load_board
-from hyq_tvm.mcu.firmware import STACK_BYTES, build_emulated, check_fits, run_emulated, write_board_files
+from hyq_tvm.mcu.firmware import (STACK_BYTES, build_emulated, check_fits, code_size, float_instructions, run_emulated,
+                                  write_board_files)
 
 HEADER = """\
 #include <stdint.h>
@@ -45,6 +48,50 @@ int hyq_model_run(const int8_t *input, int8_t *output) {
   if (input[0] == 2) return *(volatile int *)0xF0000000;
   output[0] = input[0];
   return 0;
+}
+"""
+# Three kernel calls, each a loop of LENGTHS[i] iterations, with the profiling hook of emit.py's generated code
+# (noipa: with noinline alone gcc -O2 may call a copy of the marker made without its unused argument).
+LENGTHS = (300, 100, 200)
+PROFILED_MODEL = """\
+#include "hyq_model.h"
+#ifdef HYQ_PROFILE
+__attribute__((noipa)) void hyq_step_marker(int step) { __asm__ volatile("" ::: "memory"); (void)step; }
+#define HYQ_MARK(i) hyq_step_marker(i)
+#else
+#define HYQ_MARK(i)
+#endif
+__attribute__((noinline)) int __tvm_ffi_step(const int8_t *input, int8_t *output, int length) {
+  for (int i = 0; i < length; i++) output[i & 63] += input[i & 63];
+  return 0;
+}
+int hyq_model_run(const int8_t *input, int8_t *output) {
+  for (int i = 0; i < HYQ_OUTPUT_BYTES; i++) output[i] = 0;
+  HYQ_MARK(0);
+  if (__tvm_ffi_step(input, output, %d) != 0) return 1;
+  HYQ_MARK(1);
+  if (__tvm_ffi_step(input, output, %d) != 0) return 1;
+  HYQ_MARK(2);
+  if (__tvm_ffi_step(input, output, %d) != 0) return 1;
+  HYQ_MARK(3);
+  return 0;
+}
+""" % LENGTHS
+# hyq_scale uses float, hyq_sum and hyq_add only integers (hyq_add is vectorised with integer MVE on a Cortex-M55).
+FLOAT_MODEL = """\
+#include "hyq_model.h"
+__attribute__((noinline)) int hyq_scale(int x) { return (int)(x * 0.25f + 0.5f); }
+__attribute__((noinline)) int hyq_sum(const int8_t *input) {
+  int sum = 0;
+  for (int i = 0; i < HYQ_INPUT_BYTES; i++) sum += input[i];
+  return sum;
+}
+__attribute__((noinline)) void hyq_add(int8_t *restrict output, const int8_t *restrict input) {
+  for (int i = 0; i < HYQ_OUTPUT_BYTES; i++) output[i] = (int8_t)(input[i] + 1);
+}
+int hyq_model_run(const int8_t *input, int8_t *output) {
+  hyq_add(output, input);
+  return hyq_scale(hyq_sum(input)) == 12345;
 }
 """
 MACHINES = ["mps2-an500", "mps2-an386", "mps2-an505", "mps3-an547", "stm32f746-disco"]
@@ -91,6 +138,56 @@ def test_the_tiny_model_runs_on_each_machine_with_exact_repeatable_instruction_c
     plain = run_emulated(elf, board, inputs[:1], count_instructions=False)
     assert plain.instructions_per_inference is None
     np.testing.assert_array_equal(plain.outputs, expected(inputs[:1]))
+
+
+def test_a_profile_build_counts_each_kernel_call_exactly(tools, tmp_path, monkeypatch):
+    board = load_board("mps2-an505")
+    folder = model_folder(tmp_path / "model", PROFILED_MODEL)
+    elf = build_emulated(folder, board, tmp_path / "profile.elf", profile=True)
+    inputs = np.random.default_rng(1).integers(-128, 128, (2, 64), dtype=np.int8)
+    first = run_emulated(elf, board, inputs, profile=True)
+    steps = first.step_instructions
+    assert len(steps) == len(LENGTHS) and sorted(steps) == [steps[1], steps[2], steps[0]], steps
+    per_iteration = round((steps[0] - steps[1]) / (LENGTHS[0] - LENGTHS[1]))
+    assert all(0 < step - per_iteration * length < 30 for step, length in zip(steps, LENGTHS)), steps  # + calls
+    assert abs(first.instructions_per_inference - sum(steps)) < 100, (first.instructions_per_inference, steps)
+    assert run_emulated(elf, board, inputs[1:], count_instructions=False, profile=True).step_instructions == steps
+    address = firmware._marker_address(elf)
+    monkeypatch.setattr(firmware, "_marker_address", lambda elf: address | 1)  # the Thumb bit, as in the symbol table
+    assert run_emulated(elf, board, inputs[:1], count_instructions=False, profile=True).step_instructions == steps
+    monkeypatch.undo()
+    plain = build_emulated(folder, board, tmp_path / "plain.elf")
+    assert run_emulated(plain, board, inputs).step_instructions is None
+    with pytest.raises(HyqError, match="plain.elf has no hyq_step_marker: not a profile build"):
+        run_emulated(plain, board, inputs, profile=True)
+    uneven = model_folder(tmp_path / "uneven", PROFILED_MODEL.replace("HYQ_MARK(3);", "if (input[0]) HYQ_MARK(3);"))
+    elf = build_emulated(uneven, board, tmp_path / "uneven.elf", profile=True)
+    inputs[0, 0] = 0
+    with pytest.raises(HyqError, match="hyq_step_marker ran 7 times in 2 inferences, not the same number"):
+        run_emulated(elf, board, inputs, count_instructions=False, profile=True)
+
+
+def test_code_size_and_the_floating_point_instructions_of_the_model(tools, tmp_path):
+    folder = model_folder(tmp_path / "model", FLOAT_MODEL)
+    board = load_board("mps2-an500")
+    with pytest.raises(HyqError, match="not permitted with '-mgeneral-regs-only'"):   # model C: integer only
+        build_emulated(folder, board, tmp_path / "m7.elf")
+    elf = tmp_path / "m7.o"   # hard float, double-precision FPU
+    subprocess.run(["arm-none-eabi-gcc", *board.gcc_flags, "-O2", "-c", folder / "model.c", "-o", elf], check=True)
+    scale = float_instructions(elf, ["hyq_scale"])
+    assert scale and all(line.startswith("hyq_scale: v") for line in scale), scale
+    assert any(".f32" in line for line in scale), scale
+    assert float_instructions(elf, ["hyq_sum", "hyq_add"]) == []
+    assert float_instructions(elf) == scale  # the model's functions: hyq_* and __tvm_ffi_*
+    with pytest.raises(HyqError, match="m7.o has no function hyq_nothing"):
+        float_instructions(elf, ["hyq_nothing"])
+    elf = build_emulated(folder, load_board("mps3-an547"), tmp_path / "m55.elf")  # MVE: its float C builds
+    sizes = code_size(elf)
+    assert set(sizes) == {"text", "data", "bss"} and sizes["text"] > 1000 and min(sizes.values()) >= 0, sizes
+    add = subprocess.run(["arm-none-eabi-objdump", "-d", "--disassemble=hyq_add", elf], capture_output=True,
+                         text=True).stdout
+    assert re.search(r"\tvadd\.i8\tq\d", add) and re.search(r"\tvldr\td\d", add), add  # MVE and its constant
+    assert {line.split(":")[0] for line in float_instructions(elf)} == {"hyq_scale"}
 
 
 def test_board_files_build_with_make_and_link_for_the_real_board(tools, tmp_path):

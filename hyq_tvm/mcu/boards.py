@@ -22,6 +22,7 @@ from ..resources import data_dir
 QEMU_MACHINES = {"mps2-an386": "cortex-m4", "mps2-an500": "cortex-m7", "mps2-an505": "cortex-m33",
                  "mps3-an547": "cortex-m55"}
 FLOAT_ABIS = ("soft", "softfp", "hard")
+MVE_CORES = ("cortex-m55", "cortex-m85")  # Helium (M-profile vector extension)
 VECTOR_TABLE_BYTES = 64  # the 16 system exception vectors of hyq_startup.c
 _MCU_KEYS = {"cpu", "fpu", "float-abi", "flash", "ram", "vectors", "qemu"}
 _MEMORY_KEYS = {"flash", "ram", "vectors"}
@@ -112,6 +113,12 @@ class Board:
             if emulated.size < real.size:
                 raise HyqError(f"board {self.name}: the emulated {key} ({emulated}) is smaller than the board's "
                                f"({real}); link the emulation for a larger memory of {self.qemu_machine}")
+
+    @property
+    def model_flags(self) -> list[str]:
+        """gcc flags for the integer model's C: no FPU register at all (-mgeneral-regs-only), except on a core with
+        MVE, whose integer vectors live in the FPU's registers."""
+        return [] if self.cpu in MVE_CORES else ["-mgeneral-regs-only"]
 
     @property
     def gcc_flags(self) -> list[str]:

@@ -102,7 +102,7 @@ def _model_c(graph: StaticGraph, plan: ArenaPlan, workspace: dict[str, int]) -> 
         args = ", ".join(f"{{7, 0, {{.v_ptr = (void *)&hyq_t_{name}}}}}" for name in step.args)
         lines.append(f"static const TVMFFIAny hyq_args{i}[{len(step.args)}] = {{{args}}};")
     lines += ["", "#ifdef HYQ_PROFILE  /* a call before each kernel call and after the last: where a profiler cuts */",
-              "__attribute__((noinline)) void hyq_step_marker(int step) { __asm__ volatile(\"\" ::: \"memory\"); "
+              "__attribute__((noipa)) void hyq_step_marker(int step) { __asm__ volatile(\"\" ::: \"memory\"); "
               "(void)step; }",
               "#define HYQ_MARK(i) hyq_step_marker(i)", "#else", "#define HYQ_MARK(i)", "#endif", "",
               "int hyq_model_run(const int8_t *input, int8_t *output) {"]

@@ -368,7 +368,7 @@ def write_board_files(folder: str | Path, board: Board) -> list[Path]:
     texts = {STARTUP: startup_code(board),
              ldscript: linker_script(board, board.memory, ldscript),
              MAKEFILE: _fill(_MAKEFILE, DESCRIPTION=board.description or board.name, LDSCRIPT=ldscript,
-                             CPUFLAGS=" ".join(board.gcc_flags), CFLAGS=" ".join(CFLAGS))}
+                             CPUFLAGS=" ".join(board.gcc_flags), CFLAGS=" ".join((*CFLAGS, *board.model_flags)))}
     for name, text in texts.items():
         with atomic_path(folder / name) as tmp:
             tmp.write_text(text)
@@ -412,7 +412,7 @@ def build_emulated(folder: str | Path, board: Board, out_elf: str | Path, profil
         ldscript = f"{board.qemu_machine}.ld"
         (build / ldscript).write_text(linker_script(board, board.qemu_memory, ldscript))
         with atomic_path(out_elf) as elf:
-            cmd = [gcc, *board.gcc_flags, *CFLAGS, *(["-DHYQ_PROFILE"] if profile else []), "-I", str(folder), *map(str, sources), str(build / STARTUP),
+            cmd = [gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, *(["-DHYQ_PROFILE"] if profile else []), "-I", str(folder), *map(str, sources), str(build / STARTUP),
                    str(build / HARNESS), "-T", str(build / ldscript), "-Wl,--gc-sections", "--specs=rdimon.specs",
                    "-lm", "-o", str(elf)]
             r = subprocess.run(cmd, capture_output=True, text=True)
@@ -588,15 +588,16 @@ def _is_float(mnemonic: str, operands: str, mve: bool) -> bool:
 
 
 def float_instructions(elf: str | Path, functions: list[str] | None = None) -> list[str]:
-    """The floating-point instructions in the ELF's `functions` (default: the model's, those named
-    __tvm_ffi_* or hyq_*, not the start-up code's), each as "function: instruction" (objdump's text), in
-    address order. Floating point: an FPU or MVE instruction (mnemonic "v...") with a floating-point data type
-    (.f16, .f32, .f64, .bf16: vadd.f32, vcvt.s32.f32, vmov.f32 s0, #1.0, MVE's vmul.f32 q0, ...) and, on a core
-    without MVE, any other with an operand in the FPU's registers s0-s31, d0-d31 or fpscr (vldr s0, vmov r0, s1,
-    vpush {d8}, vmrs APSR_nzcv, fpscr; gcc's spills of integers into s registers too). On a core with MVE
-    (Cortex-M55) those registers are the halves of the q registers, which integer MVE loads and moves through
-    (vldr d4 of a vector constant), so there only the typed instructions count. Integer MVE (vmla.s8,
-    vldrb.8 q0, ...) is never floating point."""
+    """The floating-point instructions in the ELF's `functions` (default: the model's, those named __tvm_ffi_*
+    or hyq_*, not the start-up code's), each as "function: instruction" (objdump's text), in address order.
+    Floating point: an FPU or MVE instruction (mnemonic "v...") with a floating-point data type (.f16, .f32, .f64,
+    .bf16: vadd.f32, vcvt.s32.f32, vmov.f32 s0, #1.0, MVE's vmul.f32 q0, ...) and, on a core without MVE, any
+    other with an operand in the FPU's registers s0-s31, d0-d31 or fpscr (vldr s0, vmov r0, s1, vpush {d8},
+    vmrs APSR_nzcv, fpscr), even one that only moves integers (gcc's spills to s registers, 64-bit copies
+    through d registers): it needs the FPU all the same. On a core with MVE (Cortex-M55) those registers are
+    the halves of the q registers, which integer MVE loads and moves through (vldr d4 of a vector constant), so
+    there only the typed instructions count. Integer MVE (vadd.i8 q0, vmla.s8, vldrb.8 q0, ...) is never
+    floating point."""
     elf = Path(elf)
     known = _functions(elf)
     if functions is None:
