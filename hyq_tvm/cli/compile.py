@@ -48,15 +48,16 @@ def _compile_mcu(args: argparse.Namespace) -> None:
     model = compile_mcu(plan, args.target, out, args.weights)
     m = model.memory
     print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}"
-          f" (weights {m.weights_bytes:,} B, arena {m.arena_bytes:,} B, lower bound {m.arena_lower_bound_bytes:,} B)")
+          f" (flash {m.flash_bytes:,} B of which weights {m.weights_bytes:,} B; RAM {m.ram_bytes:,} B of which arena"
+          f" {m.arena_bytes:,} B, lower bound {m.arena_lower_bound_bytes:,} B)")
     if args.emulate:
         info = plan.model
         images, labels = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"],
                                                     limit=args.emulate, batch_size=args.emulate)))
         result = emulate(model, images, labels)
         print(f"EMULATED {result['qemu_machine']} ({args.target}): {result['bitexact']}/{result['images']} outputs "
-              f"bit-exact with the host integer graph, top-1 {result['top1']}%, "
-              f"{result['instructions_per_inference']:,} instructions per inference")
+              f"bit-exact with the host integer graph, top-1 {result['top1']}%, {result['instructions']:,} "
+              f"instructions per inference, {result['instructions'] / result['macs']:.2f} per multiply-accumulate")
 
 
 def main(argv=None) -> None:

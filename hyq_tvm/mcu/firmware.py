@@ -393,16 +393,41 @@ def _first_error(stderr: str) -> str:
     return next((line for line in lines if "error" in line or line.startswith("ld: ")), "no message")[:300]
 
 
+def _model_sources(folder: Path) -> list[Path]:
+    """The model's .c files in its C folder (not the start-up code); a HyqError when it holds none."""
+    sources = sorted(p for p in folder.glob("*.c") if p.name != STARTUP)
+    if not (folder / MODEL_HEADER).is_file() or not sources:
+        raise HyqError(f"{folder} holds no model C code ({MODEL_HEADER} and .c files): emit the model's C folder "
+                       f"first")
+    return sources
+
+
+def model_size(folder: str | Path, board: Board) -> dict[str, int]:
+    """text, data and bss bytes of the model's C compiled for the board (as the Makefile compiles it), summed over
+    its object files: what the model adds to a firmware's flash (text + data) and RAM (data + bss)."""
+    folder = Path(folder).resolve()
+    gcc = _toolchain()
+    total = {"text": 0, "data": 0, "bss": 0}
+    with tempfile.TemporaryDirectory(prefix="hyq-objects-") as tmp:
+        for source in _model_sources(folder):
+            obj = Path(tmp) / f"{source.stem}.o"
+            r = subprocess.run([gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, "-I", str(folder), "-c",
+                                str(source), "-o", str(obj)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise HyqError(f"{TOOLCHAIN} could not compile {source.name} for {board.name}: "
+                               f"{_first_error(r.stderr)}")
+            for key, value in code_size(obj).items():
+                total[key] += value
+    return total
+
+
 def build_emulated(folder: str | Path, board: Board, out_elf: str | Path, profile: bool = False) -> Path:
     """Build the model's C folder with a semihosting test harness (hyq_harness.c) into `out_elf`, an ELF for
     the board's QEMU machine (its memory map; the board's core and compiler flags); return its path.
     profile: a profile build (-DHYQ_PROFILE), whose run_emulated(..., profile=True) counts each kernel call."""
     folder, out_elf = Path(folder).resolve(), Path(out_elf)
     gcc = _toolchain()
-    sources = sorted(p for p in folder.glob("*.c") if p.name != STARTUP)
-    if not (folder / MODEL_HEADER).is_file() or not sources:
-        raise HyqError(f"{folder} holds no model C code ({MODEL_HEADER} and .c files): emit the model's C folder "
-                       f"first")
+    sources = _model_sources(folder)
     statuses = "\n".join(f"#define {name} {status} /* {meaning} */"
                          for status, (name, meaning) in HARNESS_STATUSES.items())
     with tempfile.TemporaryDirectory(prefix="hyq-firmware-") as tmp:
@@ -412,8 +437,8 @@ def build_emulated(folder: str | Path, board: Board, out_elf: str | Path, profil
         ldscript = f"{board.qemu_machine}.ld"
         (build / ldscript).write_text(linker_script(board, board.qemu_memory, ldscript))
         with atomic_path(out_elf) as elf:
-            cmd = [gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, *(["-DHYQ_PROFILE"] if profile else []), "-I", str(folder), *map(str, sources), str(build / STARTUP),
-                   str(build / HARNESS), "-T", str(build / ldscript), "-Wl,--gc-sections", "--specs=rdimon.specs",
+            cmd = [gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, *(["-DHYQ_PROFILE"] if profile else []),
+                   "-I", str(folder), *map(str, sources), str(build / STARTUP), str(build / HARNESS), "-T", str(build / ldscript), "-Wl,--gc-sections", "--specs=rdimon.specs",
                    "-lm", "-o", str(elf)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:

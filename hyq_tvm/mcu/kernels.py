@@ -2,14 +2,16 @@
 runner passes each kernel the tensors it was compiled for), TVM's headers replaced by the project's shim."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
-from tvm import tirx
+from tvm import s_tir, tirx
 
 from ..errors import HyqError
+from ..relax.schedule import is_reduction
 
 TARGET = {"kind": "c"}
 SHIM = "hyq_shim.h"
@@ -65,3 +67,18 @@ def kernel_source(kernels: tvm.IRModule) -> KernelSource:
     workspace = {gv.name_hint: _workspace(f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     source = _TVM_INCLUDE.sub("", source, count=0)
     return KernelSource(f'#include "{SHIM}"\n' + source, {k: v for k, v in workspace.items() if v})
+
+
+GEMMS = ("conv2d", "matmul", "depthwise")   # names of the reduction blocks that multiply-accumulate
+
+
+def gemm_macs(func: tirx.PrimFunc) -> int:
+    """Multiply-accumulates of the kernel's convolution and matmul blocks: the product of each block's iterator
+    extents (outputs x the products each sums)."""
+    sch = s_tir.Schedule(func)
+    total = 0
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        if stmt.name_hint.startswith(GEMMS) and is_reduction(sch, block):
+            total += math.prod(int(iv.dom.extent) for iv in stmt.iter_vars)
+    return total

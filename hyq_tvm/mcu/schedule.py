@@ -8,10 +8,13 @@ from tvm.s_tir import dlight
 
 from ..relax.schedule import KEEP, inline, is_reduction, trivial_loops
 
+UNROLL_MAX = 7   # reduction loops up to this long (kernel windows) are unrolled
 
-def _epilogues_after(sch: s_tir.Schedule, block) -> None:
-    """Compute the spatial consumers of the reduction `block` inside its innermost spatial loop (in a chain:
-    the consumers of those too)."""
+
+def _schedule_reduction(sch: s_tir.Schedule, block) -> None:
+    """The reduction `block` initialized before its reduction loops (not tested inside them), its short
+    reduction loops (a kernel window's rows and columns) unrolled, and its spatial consumers computed inside its
+    innermost spatial loop (in a chain: the consumers of those too)."""
     loops = trivial_loops(sch, block)
     if loops is None:
         return
@@ -19,6 +22,12 @@ def _epilogues_after(sch: s_tir.Schedule, block) -> None:
     spatial = [loop for loop, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
     if not spatial or kinds[:len(spatial)] != [tirx.IterVar.DataPar] * len(spatial):
         return
+    reduce = loops[len(spatial):]
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+        for loop in reduce[1:]:
+            if int(sch.get(loop).extent) <= UNROLL_MAX:
+                sch.unroll(loop)
     todo = list(sch.get_consumers(block))
     while todo:
         consumer = todo.pop(0)
@@ -39,7 +48,7 @@ def mcu_schedule(func: tirx.PrimFunc, _target: tvm.target.Target, _tunable: bool
     for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
         block = sch.get_sblock(name)
         if is_reduction(sch, block):
-            _epilogues_after(sch, block)
+            _schedule_reduction(sch, block)
     return sch
 
 
