@@ -29,11 +29,11 @@ METADATA = "metadata.json"
 
 
 def compiler_fingerprint() -> str:
-    """A hash of the compiler's source (hyq_tvm/relax and the build stage): artifacts built with the same
+    """A hash of the compiler's source (hyq_tvm/relax, hyq_tvm/mcu and the build stage): artifacts built with the same
     fingerprint and plan are the same program."""
     package = Path(__file__).parent
     digest = hashlib.sha256()
-    for source in sorted([*package.glob("relax/**/*.py"), package / "build.py"]):
+    for source in sorted([*package.glob("relax/**/*.py"), *package.glob("mcu/*.py"), package / "build.py"]):
         digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 

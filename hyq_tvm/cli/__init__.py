@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "benchmark an artifact on a device through the RPC tracker",
     "report": "regenerate the accuracy report",
     "integer_report": "regenerate the integer-graph report",
+    "mcu_report": "regenerate the microcontroller report (emulated Cortex-M boards)",
 }
 
 
