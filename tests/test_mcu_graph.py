@@ -1,6 +1,7 @@
 """The microcontroller backend on this machine: static graph, memory plan and generated C, compiled with the host's
 gcc and checked bit for bit against TVM's build of the same integer graph."""
 import ctypes
+import json
 import subprocess
 
 import numpy as np
@@ -9,13 +10,17 @@ import torch
 import tvm
 from tvm import relax
 
+from hyq_tvm.cli.compile import main as compile_main
 from hyq_tvm.errors import HyqError
+from hyq_tvm.mcu.boards import load_board
 from hyq_tvm.mcu.build import compile_mcu, quantize_input
 from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
 from hyq_tvm.mcu.emit import buffers, write_c_folder
+from hyq_tvm.mcu.firmware import build_emulated, float_instructions, run_emulated
 from hyq_tvm.mcu.kernels import kernel_source
 from hyq_tvm.mcu.memory import Buffer, lower_bound, plan_arena
 from hyq_tvm.quant.baselines.minmax import calibrate_minmax
+from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.quant.plan import QuantPlan, plan_layers
 from hyq_tvm.relax.annotate import annotate
 from hyq_tvm.relax.importer import to_relax
@@ -128,3 +133,39 @@ def test_a_partial_mode_plan_is_refused_for_a_microcontroller(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(HyqError, match="unknown MCU board 'stm32f0'"):
         compile_mcu(plan, "stm32f0", tmp_path / "out")
+
+
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an500", "mps2-an505", "mps3-an547"])   # M4, M7, M33, M55
+def test_the_small_model_runs_bit_exact_on_each_emulated_core_without_float(small_graph, tmp_path, board):
+    graph = static_graph(small_graph)
+    write_c_folder(tmp_path / "c", graph, kernel_source(graph.kernels), "block")
+    spec = load_board(board)
+    elf = build_emulated(tmp_path / "c", spec, tmp_path / "model.elf")
+    assert float_instructions(elf) == []
+    x = np.random.default_rng(2).integers(-128, 128, (3, 1, 3, 8, 8), dtype=np.int8)
+    run = run_emulated(elf, spec, x.reshape(3, -1))
+    vm = tvm.relax.VirtualMachine(build(strip_ends(small_graph)[0], load_target("host").tvm_target()), tvm.cpu())
+    expected = np.stack([vm["main"](tvm.runtime.tensor(image)).numpy().reshape(-1) for image in x])
+    np.testing.assert_array_equal(run.outputs, expected)
+    assert run.instructions_per_inference > 0
+
+
+@pytest.mark.slow
+def test_mobilevit_xxs_compiles_for_stm32h743_and_runs_bit_exact_on_the_emulated_m7(tmp_path, capsys):
+    torch.set_num_threads(1)
+    plan = calibrate("mobilevit_xxs", method="minmax", images=8, mode="integer", progress=False)[0]
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "xxs-h743"
+    compile_main(["--plan", str(tmp_path / "plan.json"), "--target", "stm32h743", "-o", str(out), "--emulate", "3"])
+    printed = capsys.readouterr().out
+    assert "EMULATED mps2-an500 (stm32h743): 3/3 outputs bit-exact with the host integer graph" in printed
+    meta = json.loads((out / "metadata.json").read_text())
+    memory, board = meta["memory"], load_board("stm32h743")
+    assert memory["arena_lower_bound_bytes"] <= memory["arena_bytes"] <= 1.1 * memory["arena_lower_bound_bytes"]
+    assert memory["flash_bytes"] <= board.memory.flash.size and memory["ram_bytes"] <= board.memory.ram.size
+    assert {"hyq_model.h", "hyq_model.c", "hyq_kernels.c", "hyq_weights.c", "Makefile", "stm32h743.ld",
+            "hyq_startup.c", "README.md", "plan.json"} <= {p.name for p in out.iterdir()}
+    assert float_instructions(build_emulated(out, board, tmp_path / "model.elf")) == []
+    with pytest.raises(HyqError, match=r"^the model does not fit stm32f746-disco: it needs .* of flash"):
+        compile_mcu(plan, "stm32f746-disco", tmp_path / "f746")
+    assert not (tmp_path / "f746").exists()
