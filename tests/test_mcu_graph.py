@@ -16,6 +16,7 @@ from hyq_tvm.mcu.boards import load_board
 from hyq_tvm.mcu.build import compile_mcu, quantize_input
 from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
 from hyq_tvm.mcu.emit import buffers, write_c_folder
+from hyq_tvm.mcu.int4 import pack_int4, unpack_int4
 from hyq_tvm.mcu.firmware import build_emulated, float_instructions, run_emulated
 from hyq_tvm.mcu.kernels import kernel_source
 from hyq_tvm.mcu.memory import Buffer, lower_bound, plan_arena
@@ -57,18 +58,22 @@ def test_a_chain_reuses_memory_down_to_its_lower_bound():
     assert plan.offsets["c"] + 1000 <= plan.offsets["b"] or plan.offsets["c"] >= plan.offsets["b"] + 2000
 
 
-@pytest.fixture(scope="module")
-def small_graph():
+def _small_graph(wbits: int) -> tvm.IRModule:
     """The integer graph of a small integer-mode model (conv, SiLU lookup, residual add, matmul, mean, scale)."""
     torch.manual_seed(0)
     model, x = _Block().eval(), torch.randn(8, 3, 8, 8)
     with torch.no_grad():
         _integer(model, x)
-        calibrate_minmax(model, x, 8, 8)
+        calibrate_minmax(model, x, wbits, 8)
     plan = QuantPlan({}, {"mode": "integer"}, plan_layers(model, []))
     mod = relax.transform.DecomposeOpsForInference()(to_relax(model, x[:1]))
     mod, _ = integerize_layers(sink_dequantize(annotate(mod, plan)))
     return mod
+
+
+@pytest.fixture(scope="module")
+def small_graph():
+    return _small_graph(8)
 
 
 def _host_library(folder) -> ctypes.CDLL:
@@ -76,6 +81,21 @@ def _host_library(folder) -> ctypes.CDLL:
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-Wall", "-Werror=implicit-function-declaration",
                     "-o", str(folder / "model.so"), *sources], check=True)
     return ctypes.CDLL(str(folder / "model.so"))
+
+
+def _host_check(graph_mod: tvm.IRModule, folder, images: int = 4) -> None:
+    """The C folder of `graph_mod`, built with the host's gcc, bit-exact with TVM's host build on random inputs."""
+    lib = _host_library(folder)
+    vm = tvm.relax.VirtualMachine(build(strip_ends(graph_mod)[0], load_target("host").tvm_target()), tvm.cpu())
+    rng = np.random.default_rng(1)
+    outputs = []
+    for _ in range(images):
+        x = rng.integers(-128, 128, (1, 3, 8, 8), dtype=np.int8)
+        out = np.zeros(5, np.int8)
+        assert lib.hyq_model_run(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p)) == 0
+        np.testing.assert_array_equal(out, vm["main"](tvm.runtime.tensor(x)).numpy().reshape(-1))
+        outputs.append(out)
+    assert len({o.tobytes() for o in outputs}) == images
 
 
 def test_the_generated_c_is_bit_exact_with_tvm_and_has_no_float(small_graph, tmp_path):
@@ -88,17 +108,31 @@ def test_the_generated_c_is_bit_exact_with_tvm_and_has_no_float(small_graph, tmp
     assert memory.weights_bytes == sum(v.nbytes for v in graph.values.values() if v.data is not None)
     header = (tmp_path / "hyq_model.h").read_text()
     assert f"#define HYQ_INPUT_BYTES {3 * 8 * 8}" in header and "#define HYQ_OUTPUT_BYTES 5" in header
-    lib = _host_library(tmp_path)
-    vm = tvm.relax.VirtualMachine(build(strip_ends(small_graph)[0], load_target("host").tvm_target()), tvm.cpu())
-    rng = np.random.default_rng(1)
-    outputs = []
-    for _ in range(4):
-        x = rng.integers(-128, 128, (1, 3, 8, 8), dtype=np.int8)
-        out = np.zeros(5, np.int8)
-        assert lib.hyq_model_run(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p)) == 0
-        np.testing.assert_array_equal(out, vm["main"](tvm.runtime.tensor(x)).numpy().reshape(-1))
-        outputs.append(out)
-    assert len({o.tobytes() for o in outputs}) == 4
+    assert not any(step.kernel.startswith("hyq_unpack_int4") for step in graph.steps)   # 8-bit weights
+    _host_check(small_graph, tmp_path)
+
+
+def test_4_bit_weights_are_packed_two_per_byte_and_unpacked_bit_exact(small_graph, tmp_path):
+    w4 = _small_graph(4)
+    graph, graph8 = static_graph(w4), static_graph(small_graph)
+    unpacks = [step for step in graph.steps if step.kernel.startswith("hyq_unpack_int4")]
+    assert len(unpacks) == 3   # conv1, conv2, fc: one per GEMM weight
+    packed = sum(graph.values[step.args[0]].nbytes for step in unpacks)
+    unpacked = sum(graph.values[step.args[1]].nbytes for step in unpacks)
+    assert (packed, unpacked) == (54 + 8 + 10, 108 + 16 + 20)
+    weights = lambda g: sum(v.nbytes for v in g.values.values() if v.data is not None)   # noqa: E731
+    assert weights(graph8) - weights(graph) == unpacked - packed
+    write_c_folder(tmp_path, graph, kernel_source(graph.kernels), "block-w4")
+    _host_check(w4, tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 3, 3), (5, 7)])
+def test_int4_packing_round_trips_and_halves_the_bytes(shape):
+    w = np.random.default_rng(3).integers(-8, 8, shape).astype(np.int8)
+    packed = pack_int4(w)
+    assert packed.dtype == np.int8 and packed.size == (w.size + 1) // 2
+    np.testing.assert_array_equal(unpack_int4(packed, shape), w)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(np.array([-8, 7, -1, 0], np.int8)), (4,)), [-8, 7, -1, 0])
 
 
 def test_every_intermediate_and_workspace_is_planned_and_kernels_get_their_tensors(small_graph):

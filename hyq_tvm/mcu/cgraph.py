@@ -1,8 +1,9 @@
 """The integer graph of an integer-mode plan as a static list of kernel calls: int8 in, int8 out.
 
     strip_ends(mod)    main(x: float32) = dequantize(g(quantize(x)))  ->  main(q: int8) = g(q), and the two grids
-    static_graph(mod)  the stripped module legalized, fused and scheduled for a microcontroller, read into
-                       Values (constants, the input, the output, intermediates) and Steps (one kernel call each)
+    static_graph(mod)  the stripped module, its 4-bit weights packed (int4.py), legalized, fused and scheduled for
+                       a microcontroller, read into Values (constants, the input, the output, intermediates) and
+                       Steps (one kernel call each)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tvm.ir.expr import Constant
 
 from ..errors import HyqError
 from ..relax import portable
-from ..relax.schedule import fusion
+from .int4 import pack_weights_int4
 from .schedule import schedule_pass
 
 
@@ -104,9 +105,13 @@ def strip_ends(mod: tvm.IRModule) -> tuple[tvm.IRModule, Grid, Grid]:
 
 
 def lowering_passes() -> tvm.transform.Pass:
-    """Legalized, fused (as for the Linux boards), then scheduled for a microcontroller; reshapes as views."""
-    return tvm.transform.Sequential([relax.transform.LegalizeOps(portable.LEGALIZE), fusion(), schedule_pass(),
-                                     relax.transform.RewriteDataflowReshape()], name="hyq.McuLower")
+    """Constants folded, 4-bit weights packed, legalized, fused (as for the Linux boards, but constants no longer
+    folded: that would unpack the weights again), then scheduled for a microcontroller; reshapes as views."""
+    pack = tvm.transform.module_pass(lambda mod, _ctx: pack_weights_int4(mod), opt_level=0, name="hyq.PackInt4")
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), pack, relax.transform.LegalizeOps(portable.LEGALIZE),
+                                     relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                     relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
+                                     schedule_pass(), relax.transform.RewriteDataflowReshape()], name="hyq.McuLower")
 
 
 def _tensor(name: str, ty) -> Value:
