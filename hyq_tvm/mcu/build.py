@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import tvm
 
-from ..artifact import METADATA, PLAN, atomic_dir, compiler_fingerprint
+from ..artifact import HOST_LIBRARY, METADATA, PLAN, atomic_dir, compiler_fingerprint
 from ..errors import HyqError
 from ..fileio import write_json, write_text
 from ..quant.plan import QuantPlan
@@ -31,7 +31,7 @@ README = "README.md"
 @dataclass(frozen=True)
 class McuModel:
     """A plan compiled for a board: its static graph, the folder written and its memory numbers, and the host
-    integer graph of the same int8 input and output (the reference of an emulated run)."""
+    integer graph of the same int8 input and output (the reference of an emulated run; host.so in the folder)."""
 
     board: Board
     graph: StaticGraph
@@ -87,6 +87,7 @@ def compile_mcu(plan: QuantPlan, board_name: str, out_dir: str | Path, weights: 
                        f"layer the integer rules cannot lower, which a microcontroller build cannot take")
     graph = static_graph(lowered.mod)
     kernels = kernel_source(graph.kernels)
+    twin = build(strip_ends(lowered.mod)[0], load_target("host").tvm_target())
     with atomic_dir(out_dir) as tmp:
         memory = write_c_folder(tmp, graph, kernels, plan.model["name"])
         check_fits(board, memory.weights_bytes, memory.arena_bytes)   # before compiling: the weights alone
@@ -96,14 +97,15 @@ def compile_mcu(plan: QuantPlan, board_name: str, out_dir: str | Path, weights: 
         write_board_files(tmp, board)
         plan.save(tmp / PLAN)
         write_text(tmp / README, _readme(plan, board, graph, memory))
+        twin.export_library(str(tmp / HOST_LIBRARY))
         write_json(tmp / METADATA, {
             "format": "hyq-tvm/mcu", "version": 1, "model": plan.model["name"], "board": board.name,
             "calibration": {k: plan.calibration.get(k) for k in ("method", "wbits", "abits", "mode")},
             "memory": asdict(memory), "kernel_calls": len(graph.steps),
             "input": {"shape": list(graph.values[graph.input].shape), **asdict(graph.input_grid)},
             "output": {"shape": list(graph.values[graph.output].shape), **asdict(graph.output_grid)},
+            "files": {"plan": PLAN, "host_library": HOST_LIBRARY},
             "versions": {"tvm": tvm.__version__, "torch": torch.__version__, "compiler": compiler_fingerprint()}})
-    twin = build(strip_ends(lowered.mod)[0], load_target("host").tvm_target())
     return McuModel(board, graph, Path(out_dir), memory, twin)
 
 

@@ -284,7 +284,7 @@ TRANSCENDENTAL = {  # f on mpmath numbers, f(0) exactly
 }
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=None)   # per-channel tables of a wide layer, over every checked image: computed once
 def lookup_table(name: str, args: tuple[float, ...], s_in: float, z_in: int, s_o: float, z_o: int,
                  out_dtype: str = "int8") -> np.ndarray:
     """The 256 entries of quantize(f(dequantize(x))) for x = -128 .. 127, rounded half to even, exactly: f of an
