@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from hyq_tvm.cli.compile import main as compile_main
 from hyq_tvm.errors import HyqError
 from hyq_tvm.mcu.boards import load_board
 from hyq_tvm.mcu.build import compile_mcu, quantize_input
 from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
-from hyq_tvm.mcu.emit import buffers, write_c_folder
+from hyq_tvm.mcu.emit import SHIM_H, buffers, write_c_folder
 from hyq_tvm.mcu.int4 import pack_int4, unpack_int4
 from hyq_tvm.mcu.firmware import build_emulated, float_instructions, run_emulated
 from hyq_tvm.mcu.kernels import kernel_source
 from hyq_tvm.mcu.memory import Buffer, lower_bound, plan_arena
+from hyq_tvm.mcu.schedule import mcu_schedule
 from hyq_tvm.quant.baselines.minmax import calibrate_minmax
 from hyq_tvm.quant.calibrate import calibrate
 from hyq_tvm.quant.plan import QuantPlan, plan_layers
@@ -203,3 +204,34 @@ def test_mobilevit_xxs_compiles_for_stm32h743_and_runs_bit_exact_on_the_emulated
     with pytest.raises(HyqError, match=r"^the model does not fit stm32f746-disco: it needs .* of flash"):
         compile_mcu(plan, "stm32f746-disco", tmp_path / "f746")
     assert not (tmp_path / "f746").exists()
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+                ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p), ("byte_offset", ctypes.c_uint64)]
+
+
+class _Any(ctypes.Structure):
+    _fields_ = [("type_index", ctypes.c_int32), ("zero_padding", ctypes.c_uint32), ("v_ptr", ctypes.c_void_p)]
+
+
+def test_sums_and_maxima_scheduled_for_a_microcontroller_compute_the_same_in_c(tmp_path):
+    """A row max (its update a select: not unrolled, TVM's C generator would reuse a stale operand) and a row sum
+    (unrolled) through mcu_schedule and kernel_source, compiled by gcc, against numpy."""
+    x = te.placeholder((4, 16), "int8", name="x")
+    k, j = te.reduce_axis((0, 16), "k"), te.reduce_axis((0, 16), "j")
+    top = te.compute((4,), lambda i: te.max(x[i, k].astype("int32"), axis=k), name="top")
+    total = te.compute((4,), lambda i: te.sum(x[i, j].astype("int32") - top[i], axis=j), name="total")
+    func = te.create_prim_func([x, top, total])
+    source = kernel_source(tvm.IRModule({"rows": mcu_schedule(func, None).mod["main"]})).source
+    (tmp_path / "hyq_shim.h").write_text(SHIM_H)
+    (tmp_path / "rows.c").write_text(source)
+    lib = _host_library(tmp_path)
+    data = np.random.default_rng(4).integers(-128, 128, (4, 16), dtype=np.int8)
+    outs = [np.zeros(4, np.int32), np.zeros(4, np.int32)]
+    tensors = [_DLTensor(a.ctypes.data, 1, 0, a.ndim, 0, a.dtype.itemsize * 8, 1, None, None, 0) for a in (data, *outs)]
+    args = (_Any * 3)(*[_Any(7, 0, ctypes.cast(ctypes.pointer(t), ctypes.c_void_p)) for t in tensors])
+    assert lib.__tvm_ffi_rows(None, args, 3, None) == 0
+    np.testing.assert_array_equal(outs[0], data.astype(np.int32).max(1))
+    np.testing.assert_array_equal(outs[1], (data.astype(np.int32) - outs[0][:, None]).sum(1))

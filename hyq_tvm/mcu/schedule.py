@@ -3,18 +3,27 @@ reduction computed right after each of its outputs, so that accumulators need no
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
 from ..relax.schedule import KEEP, inline, is_reduction, trivial_loops
 
 UNROLL_MAX = 7   # reduction loops up to this long (kernel windows) are unrolled
+UNROLL_BY = 4    # longer innermost reduction loops are unrolled by this factor
+
+
+def _selects(block: tirx.SBlock) -> bool:
+    """Whether the block's update takes a max or a min."""
+    found = [False]
+    tvm_ffi.structural_map(block.body, [((tirx.Max, tirx.Min), lambda e: found.__setitem__(0, True) or e)])
+    return found[0]
 
 
 def _schedule_reduction(sch: s_tir.Schedule, block) -> None:
-    """The reduction `block` initialized before its reduction loops (not tested inside them), its short
-    reduction loops (a kernel window's rows and columns) unrolled, and its spatial consumers computed inside its
-    innermost spatial loop (in a chain: the consumers of those too)."""
+    """The reduction `block` initialized before its reduction loops (not tested inside them); in a sum, its short
+    reduction loops (a kernel window's rows and columns) unrolled and a long innermost one unrolled by UNROLL_BY;
+    its spatial consumers computed inside its innermost spatial loop (in a chain: the consumers of those too)."""
     loops = trivial_loops(sch, block)
     if loops is None:
         return
@@ -24,10 +33,16 @@ def _schedule_reduction(sch: s_tir.Schedule, block) -> None:
         return
     reduce = loops[len(spatial):]
     if reduce:
+        selects = _selects(sch.get(block))
         sch.decompose_reduction(block, reduce[0])
+        if selects:   # TVM's C code generator reuses a max / min operand loaded before the unrolled copies' stores
+            reduce = []
         for loop in reduce[1:]:
             if int(sch.get(loop).extent) <= UNROLL_MAX:
                 sch.unroll(loop)
+        extent = int(sch.get(reduce[-1]).extent) if reduce else 0
+        if extent > UNROLL_MAX and extent % UNROLL_BY == 0:   # a long sum: UNROLL_BY products per iteration
+            sch.unroll(sch.split(reduce[-1], [None, UNROLL_BY])[1])
     todo = list(sch.get_consumers(block))
     while todo:
         consumer = todo.pop(0)
