@@ -11,6 +11,11 @@ Writes reports/device_<key>.json and .md (one row per model). Boards started by 
 labelled emulated: their wall-clock times say nothing about real hardware; on a board started with --icount
 the row also gets the exact number of instructions one inference executes in model.so and libm (QEMU plugin).
 
+An MCU artifact (python -m hyq_tvm.compile --target stm32h743 ...) goes to a microcontroller board's server
+(python -m hyq_tvm.device start stm32h743): its firmware is built here for the board's QEMU machine, uploaded, and the
+test images run through it --chunk at a time, every output checked bit for bit against host.so; the row has the
+instructions one inference executes (EMULATED: exact QEMU counts, not cycles) and no latency.
+
 A lost RPC session (the server died) is reconnected through the tracker in every phase: latency and instruction
 counts are measured again in the new session; finished images go to a work file (reports/.work/...), so a
 reconnect, or a rerun, continues with the next unfinished image and counts none twice.
@@ -27,7 +32,8 @@ from pathlib import Path
 
 from ..devices.bench import DEFAULT_LIMIT, DEFAULT_TIMEOUT, bench
 from ..devices.versus import check_icount_key, compare_ort
-from ..errors import check_positive
+from ..errors import HyqError, check_positive
+from ..mcu.remote import DEFAULT_CHUNK, bench_mcu, is_mcu_artifact
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help=f"seconds to wait for a free device (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--repeat", type=int, default=10, help="time_evaluator repeats (default 10, number=1)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                   help=f"MCU artifact: test images per run on the board (default {DEFAULT_CHUNK})")
     p.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: the system copy)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="where device_<key>.json/.md go")
     p.add_argument("--devices-state", type=Path, default=None,
@@ -52,11 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_positive(args.repeat, "--repeat")
+    mcu = is_mcu_artifact(args.artifact)
+    if args.compare_ort and mcu:
+        raise HyqError("--compare-ort counts onnxruntime on an emulated Linux board; leave it out for an MCU artifact")
     if args.compare_ort:
         check_icount_key(args.tracker, args.key, args.devices_state)
-    row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data, args.reports,
-                args.devices_state)
+    if mcu:
+        row = bench_mcu(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.data, args.reports,
+                        args.devices_state, args.chunk or DEFAULT_CHUNK)
+    else:
+        row = bench(args.tracker, args.key, args.artifact, args.limit, args.timeout, args.repeat, args.data,
+                    args.reports, args.devices_state)
     emu = " EMULATED" if row["emulated"] else ""
+    if mcu:
+        print(f"{row['model']} on {args.key}{emu} ({row['target']}, qemu-system-arm -M {row['qemu_machine']}): "
+              f"bitexact {row['bitexact']} ({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host "
+              f"{row['top1_host']:.2f}%) on {row['images']} test images; instructions per inference "
+              f"{row['instructions']}{emu} (no latency: instructions, not cycles); -> {', '.join(row['reports'])}")
+        return
     print(f"{row['model']} on {args.key}{emu}: latency median {row['latency_ms_median']} ms (p90 "
           f"{row['latency_ms_p90']}, {row['runs']} runs); bitexact {row['bitexact']} "
           f"({row['bitexact_images']}/{row['images']}); top-1 {row['top1']:.2f}% (host {row['top1_host']:.2f}%) on "

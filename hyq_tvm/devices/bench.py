@@ -11,6 +11,9 @@ A lost RPC session (the server died, the link broke: told by the exception's typ
 reconnected through the tracker in every phase: the latency measurement and an instruction count start again
 in a new session; the accuracy loop keeps finished images in a work file (reports/.work/...), so a reconnect,
 or a rerun, continues with the next unfinished image and counts none twice.
+
+An MCU artifact (metadata format hyq-tvm/mcu) is benchmarked by hyq_tvm.mcu.remote on the same sessions, work file
+and reports: firmware on an MCU board's server, instructions instead of latency.
 """
 from __future__ import annotations
 
@@ -34,8 +37,10 @@ from .fleet import parse_addr, tracker_summary
 from .icount import server_counts
 from ..errors import HyqError, check_positive
 from ..fileio import atomic_path, sha256_file, write_json
-from ..artifact import LIBRARY, Artifact, load_artifact
+from ..artifact import LIBRARY, load_artifact
+from ..mcu.boards import is_mcu_target
 from ..targets import target_for_key
+
 
 DEFAULT_LIMIT = 200
 DEFAULT_TIMEOUT = 60.0
@@ -133,7 +138,8 @@ def identify_server(info: DeviceInfo, addr: tuple[str, int]) -> None:
 
 # --- the resumable accuracy loop ----------------------------------------------------------------------
 class WorkFile:
-    """Finished images, one JSON line each ({"i", "label", "pred", "host_pred", "bitexact", "maxdiff"})."""
+    """Finished images, one JSON line each ({"i", "label", "pred", "host_pred", "bitexact", "maxdiff"}; on an MCU
+    board also "instructions"), after a header line naming what ran (a different header starts the file again)."""
 
     def __init__(self, path: Path, header: dict):
         self.path = path
@@ -164,10 +170,13 @@ class WorkFile:
 
 
 class Remote:
-    """A session with the artifact loaded, reconnecting (re-request, re-upload) when the server dies."""
+    """A session with the artifact loaded, reconnecting (re-request, re-upload) when the server dies. `vm` runs the
+    model in the session: made by load (model.so in a Relax VM here)."""
 
-    def __init__(self, tracker: tuple[str, int], key: str, art: Artifact, timeout: float, info: DeviceInfo,
-                 log: Callable[[str], None], state_file: Path | None = None):
+    loaded = "uploaded and loaded model.so"  # what load does, for the log
+
+    def __init__(self, tracker: tuple[str, int], key: str, art, timeout: float,
+                 info: DeviceInfo, log: Callable[[str], None], state_file: Path | None = None):
         self.tracker, self.key, self.art, self.timeout, self.info, self.log = tracker, key, art, timeout, info, log
         self.state_file = state_file
         self.sess = self.vm = None
@@ -193,22 +202,25 @@ class Remote:
                 self.log(f"{what}: RPC session lost ({last}); reconnecting")
 
     def connect(self):
-        from tvm import relax
-
         self.close()
         sess, addr = request_session(*self.tracker, self.key, self.timeout)
         if self.connects:  # a board may have been restarted since: read the fleet state again
             self.info.entries = device_info(self.key, self.tracker, self.state_file).entries
         identify_server(self.info, addr)
         t0 = time.perf_counter()
-        remote_name = f"hyq-{self.art.meta.get('sha256', {}).get('library', 'model')[:12]}.so"
-        sess.upload(str(self.art.library), remote_name)
-        self.vm = relax.VirtualMachine(sess.load_module(remote_name), sess.cpu())
+        self.vm = self.load(sess)
         self.sess = sess
         self.connects += 1
-        self.log(f"session {self.connects} on {self.info.board}: uploaded and loaded model.so "
-                 f"in {time.perf_counter() - t0:.1f} s")
+        self.log(f"session {self.connects} on {self.info.board}: {self.loaded} in {time.perf_counter() - t0:.1f} s")
         return self
+
+    def load(self, sess):
+        """The Relax VM of model.so, uploaded into the session."""
+        from tvm import relax
+
+        remote_name = f"hyq-{self.art.meta.get('sha256', {}).get('library', 'model')[:12]}.so"
+        sess.upload(str(self.art.library), remote_name)
+        return relax.VirtualMachine(sess.load_module(remote_name), sess.cpu())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
@@ -219,27 +231,31 @@ class Remote:
         self.vm = self.sess = None
 
 
-def run_images(remote: Remote, host_vm, dataset, indices: list[int], work: WorkFile,
-               log: Callable[[str], None]) -> None:
-    """Run every unfinished index on the device and the host twin; reconnect when the session is lost."""
-    import tvm
+def image_row(i: int, label: int, got: np.ndarray, want: np.ndarray,
+              logits: Callable[[np.ndarray], np.ndarray] = np.asarray) -> dict:
+    """The work-file row of image i: the device's output `got` against the host twin's `want`, bit for bit, and
+    the classes they predict (the argmax of logits(output))."""
+    bitexact = got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+    return {"i": i, "label": int(label), "pred": int(logits(got).argmax()), "host_pred": int(logits(want).argmax()),
+            "bitexact": bool(bitexact), "maxdiff": float(np.abs(got.astype("float64") - want.astype("float64")).max())}
 
+
+def run_images(indices: list[int], work: WorkFile, run: Callable[[list[int]], list[dict]],
+               log: Callable[[str], None], chunk: int = 1) -> None:
+    """Run every unfinished index, `chunk` at a time, through run (which gives their work-file rows; it reconnects
+    when the session is lost), keeping each chunk's rows in the work file."""
     todo = [i for i in indices if i not in work.done]
     if len(todo) < len(indices):
         log(f"resuming: {len(indices) - len(todo)} of {len(indices)} images already done ({work.path})")
-    for n, i in enumerate(todo):
-        x, label = dataset[i]
-        x = x[None].numpy().astype("float32")
+    for start in range(0, len(todo), chunk):
+        before = len(work.done)
         try:
-            got = remote.call(f"image {i}", lambda: remote.run(x))
+            rows = run(todo[start:start + chunk])
         except HyqError as err:
             raise HyqError(f"{err} (finished images are kept in {work.path}; rerun to resume)") from None
-        want = host_vm["main"](tvm.runtime.tensor(x)).numpy()
-        bitexact = got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
-        work.add({"i": i, "label": int(label), "pred": int(got.argmax()), "host_pred": int(want.argmax()),
-                  "bitexact": bool(bitexact),
-                  "maxdiff": float(np.abs(got.astype("float64") - want.astype("float64")).max())})
-        if (n + 1) % 25 == 0:
+        for row in rows:
+            work.add(row)
+        if len(work.done) // 25 > before // 25:
             log(f"{len(work.done)}/{len(indices)} images")
 
 
@@ -319,6 +335,31 @@ def count_instructions(remote: Remote, x: np.ndarray, n: int, log) -> tuple[int 
 
 
 # --- reports -------------------------------------------------------------------------------------------
+def accuracy(done: list[dict]) -> dict:
+    """The report fields of the finished images' work-file rows: bit-exact with the host twin, top-1 accuracy."""
+    exact = sum(r["bitexact"] for r in done)
+
+    def top1(pred: str) -> float:
+        return round(100.0 * sum(r[pred] == r["label"] for r in done) / max(len(done), 1), 2)
+
+    return {"bitexact": bool(done) and exact == len(done), "top1": top1("pred"), "top1_host": top1("host_pred"),
+            "images": len(done), "bitexact_images": exact, "max_abs_diff": max((r["maxdiff"] for r in done), default=0.0),
+            "not_bitexact": [{k: r[k] for k in ("i", "maxdiff", "pred", "host_pred")} for r in done if not r["bitexact"]]}
+
+
+def calibration(meta: dict) -> dict:
+    """The plan's calibration of an artifact's metadata, as a report row names it."""
+    return {k: meta.get("calibration", {}).get(k) for k in ("method", "wbits", "abits", "mode")}
+
+
+def finish(reports: Path, key: str, row: dict, work: WorkFile) -> dict:
+    """Write the row into the key's reports and drop the work file; the row with the reports' paths."""
+    json_path, md_path = write_reports(reports, key, row)
+    work.path.unlink(missing_ok=True)
+    row["reports"] = [str(json_path), str(md_path)]
+    return row
+
+
 COLUMNS = ("model", "key", "emulated", "latency_ms_median", "latency_ms_p90", "runs", "bitexact", "top1",
            "instructions")
 
@@ -339,6 +380,11 @@ def _plan_label(row: dict) -> str:
     return f"{cal.get('method')} W{cal.get('wbits')}A{cal.get('abits')}" + ("" if mode == "partial" else f" {mode}")
 
 
+def _is_mcu(row: dict) -> bool:
+    """Whether a report row is of a microcontroller board (firmware, no latency)."""
+    return row.get("kind") == "mcu"
+
+
 def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     path = out_dir / f"device_{key}.json"
     rows = []
@@ -352,20 +398,29 @@ def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
     write_json(path, {"generated_by": "python -m hyq_tvm.bench", "key": key, "rows": rows})
     md = out_dir / f"device_{key}.md"
     lines = [f"# Device benchmark: key `{key}`", ""]
-    if any(r.get("emulated") for r in rows):
+    if any(r.get("emulated") and not _is_mcu(r) for r in rows):
         lines += ["**EMULATED** rows ran under qemu-user on an x86-64 host, not on the real board: their "
                   "wall-clock latencies say nothing about real hardware. Instruction counts (where given) are "
                   "the aarch64 instructions executed per inference in the model library and libm, counted on the "
                   "emulated CPU (see each row's note).", ""]
+    if any(r.get("emulated") and _is_mcu(r) for r in rows):
+        lines += ["**EMULATED** microcontroller rows ran their firmware on the board's QEMU machine "
+                  "(qemu-system-arm), not on the real board: they have no latency; their instructions are the "
+                  "Cortex-M instructions one inference executes, counted exactly by QEMU (not cycles).", ""]
     lines += ["Generated by `python -m hyq_tvm.bench`. bitexact: every device output equals the host twin of the "
               "same integer graph bit for bit; top1: accuracy of the device's outputs.", "",
               "| model | W/A | key | device | latency median ms | p90 ms | runs | bitexact | top1 % | images | instructions |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dev = f"EMULATED ({r.get('board')}, qemu -cpu {r.get('qemu_cpu')})" if r.get("emulated") else str(r.get("board"))
         label = " (emulated)" if r.get("emulated") else ""
-        lines.append(f"| {r['model']} | {_plan_label(r)} | {r['key']} | {dev} | "
-                     f"{r['latency_ms_median']}{label} | {r['latency_ms_p90']}{label} | {r['runs']} | "
+        if _is_mcu(r):
+            dev = f"EMULATED ({r.get('board')}, {r['target']} on qemu-system-arm -M {r.get('qemu_machine')})" \
+                if r.get("emulated") else f"{r.get('board')} ({r['target']})"
+            latency = "n/a | n/a | n/a"
+        else:
+            dev = f"EMULATED ({r.get('board')}, qemu -cpu {r.get('qemu_cpu')})" if r.get("emulated") else str(r.get("board"))
+            latency = f"{r['latency_ms_median']}{label} | {r['latency_ms_p90']}{label} | {r['runs']}"
+        lines.append(f"| {r['model']} | {_plan_label(r)} | {r['key']} | {dev} | {latency} | "
                      f"{'yes' if r['bitexact'] else 'NO'} ({r['bitexact_images']}/{r['images']}) | {r['top1']:.2f} | "
                      f"{r['images']} | {r['instructions'] if r['instructions'] is not None else 'n/a'} |")
     notes = [f"- {r['model']} {_plan_label(r)}: instructions: {r['instructions_note']}" for r in rows
@@ -379,12 +434,18 @@ def _merge_reports(out_dir: Path, key: str, row: dict) -> tuple[Path, Path]:
 # --- main ------------------------------------------------------------------------------------------------
 def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIMIT, timeout: float = DEFAULT_TIMEOUT,
           repeat: int = 10, data: str | None = None, reports: str | Path = "reports", state_file: Path | None = None,
-          icount_images: int = 8, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Benchmark `artifact` on a device for `key`; returns the report row."""
+          icount_images: int = 8, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+          ) -> dict:
+    """Benchmark the Linux-board `artifact` on a device for `key`; returns the report row (an MCU artifact:
+    hyq_tvm.mcu.remote.bench_mcu)."""
     t_start = time.perf_counter()
     thost, tport = parse_addr(tracker)
     art = load_artifact(Path(artifact))
     info = device_info(key, (thost, tport), state_file)
+    mcu = next((b["board"] for b in info.entries if b.get("kind") == "mcu"), key if is_mcu_target(key) else None)
+    if mcu:
+        raise HyqError(f"key {key!r} is the MCU board {mcu}, which runs firmware, not model.so: not uploaded; compile "
+                       f"the plan for it (python -m hyq_tvm.compile --plan PLAN --target {mcu}) and bench that folder")
     if info.arch is not None and info.arch != art.arch:
         raise HyqError(f"artifact {art.path} is built for {art.arch} (model.so) but key {key!r} is {info.arch}: "
                        f"not uploaded; compile it with --target {key}")
@@ -412,26 +473,22 @@ def bench(tracker: str, key: str, artifact: str | Path, limit: int = DEFAULT_LIM
     header = {"library": sha256_file(art.library), "host_library": sha256_file(art.host_library),
               "dataset": getattr(dataset, "name", str(data)), "key": key}
     work = WorkFile(Path(reports) / ".work" / f"{work_id}.jsonl", header)
-    run_images(remote, host_vm, dataset, indices, work, log)
-    done = [work.done[i] for i in indices]
-    exact = sum(r["bitexact"] for r in done)
 
+    def run(part: list[int]) -> list[dict]:
+        (i,) = part
+        x, label = dataset[i]
+        x = x[None].numpy().astype("float32")
+        got = remote.call(f"image {i}", lambda: remote.run(x))
+        return [image_row(i, label, got, host_vm["main"](tvm.runtime.tensor(x)).numpy())]
+
+    run_images(indices, work, run, log)
     instructions, note = count_instructions(remote, x0, icount_images, log)
     remote.close()
-    cal = {k: art.meta.get("calibration", {}).get(k) for k in ("method", "wbits", "abits", "mode")}
     row = {"model": art.model, "key": key, "emulated": bool(info.emulated), **latency,
-           "bitexact": bool(done) and exact == len(done), "top1": round(100.0 * sum(r["pred"] == r["label"] for r in done)
-                                                                  / max(len(done), 1), 2),
-           "instructions": instructions, "instructions_note": note,
-           "top1_host": round(100.0 * sum(r["host_pred"] == r["label"] for r in done) / max(len(done), 1), 2),
-           "images": len(done), "bitexact_images": exact, "max_abs_diff": max((r["maxdiff"] for r in done), default=0.0),
-           "not_bitexact": [{k: r[k] for k in ("i", "maxdiff", "pred", "host_pred")} for r in done if not r["bitexact"]],
+           **accuracy([work.done[i] for i in indices]), "instructions": instructions, "instructions_note": note,
            "board": info.board, "qemu_cpu": info.qemu_cpu, "arch": art.arch, "target": art.meta.get("target", {}).get("name"),
-           "calibration": cal, "artifact": str(art.path), "library_sha256": header["library"],
+           "calibration": calibration(art.meta), "artifact": str(art.path), "library_sha256": header["library"],
            "sessions": remote.connects, "bench_seconds": round(time.perf_counter() - t_start, 1)}
     if info.emulated:
         row["note"] = "EMULATED: qemu-user on x86-64; wall-clock latency says nothing about the real board"
-    json_path, md_path = write_reports(Path(reports), key, row)
-    work.path.unlink(missing_ok=True)
-    row["reports"] = [str(json_path), str(md_path)]
-    return row
+    return finish(Path(reports), key, row, work)

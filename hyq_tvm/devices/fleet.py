@@ -1,12 +1,15 @@
-"""Start, list and stop emulated boards: TVM RPC servers under qemu-user in the arm64 rootfs,
-registered with an RPC tracker. State (pids, process groups, ports, keys) lives in a JSON file.
+"""Start, list and stop emulated boards registered with an RPC tracker: Linux boards (TVM RPC servers under
+qemu-user in the arm64 rootfs) and MCU boards (hyq_tvm.mcu.server in this machine's Python, which runs firmware
+on the board's QEMU machine: no rootfs, no root). State (pids, process groups, ports, keys) lives in a JSON file.
 
 Each process is started in its own session (setsid), so its process group holds it and every
 child it forks (the popen worker and the per-session processes); stop kills that group.
 
-TVM RPC has no authentication and a server runs any library a client sends it. So the tracker and the
-servers run in the rootfs as an unprivileged user (RPC_USER, through chroot --userspec), and they listen
-on the loopback interface unless the caller passes expose=True (the CLI's --expose) with another host.
+TVM RPC has no authentication and a server runs any library a client sends it. So the tracker and the Linux
+servers run in the rootfs as an unprivileged user (RPC_USER, through chroot --userspec), and everything listens
+on the loopback interface unless the caller passes expose=True (the CLI's --expose) with another host. An MCU
+server (and a tracker started for one) runs as the user who starts it, outside any rootfs: start MCU boards as an
+unprivileged user (started as root, a warning says so).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import time
 from pathlib import Path
 
 from ..errors import HyqError
-from .boards import BOARDS, get_board
+from ..mcu.boards import Board as McuBoard, is_mcu_target, load_board, mcu_boards
+from .boards import BOARDS, Board, known_boards
 from .rootfs import VENV, build_rootfs, cache_dir, ensure_binfmt, mount_proc, require_root, umount_proc
 
 STATE_FILE = "devices.json"
@@ -162,13 +166,14 @@ def rootfs_python(root: Path, args: list[str], env: dict[str, str]) -> list[str]
             f"{VENV}/bin/python", *args]
 
 
-def start_tracker(host: str, cache: Path, root: Path, port: int | None = None) -> dict:
-    """An RPC tracker in the rootfs (under qemu-user, as RPC_USER) on host:port (default: a free port from 9190)."""
+def start_tracker(host: str, cache: Path, root: Path | None, port: int | None = None) -> dict:
+    """An RPC tracker on host:port (default: a free port from 9190): in the rootfs (under qemu-user, as RPC_USER),
+    or in this machine's Python as the current user when root is None (MCU boards only)."""
     port = free_port(host, port or DEFAULT_TRACKER_PORT)
     log = cache / "logs" / f"tracker-{port}.log"
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-    proc = _spawn(rootfs_python(root, ["-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
-                                       "--port-end", str(port + 1)], env), log)
+    args = ["-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port), "--port-end", str(port + 1)]
+    proc = _spawn(rootfs_python(root, args, env) if root else [sys.executable, *args], log)
     deadline = time.monotonic() + SERVER_READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -203,6 +208,28 @@ def server_command(root: Path, board, host: str, port: int, tracker: tuple[str, 
     return rootfs_python(root, args, dict(env, HYQ_ICOUNT_OUT=icount_out) if icount_out else env), env
 
 
+def mcu_server_command(board: McuBoard, host: str, port: int, tracker: tuple[str, int], key: str) -> list[str]:
+    """The command line of an MCU board's RPC server (hyq_tvm.mcu.server) in this machine's Python."""
+    return [sys.executable, "-m", "hyq_tvm.mcu.server", "--board", board.name, "--host", host, "--port", str(port),
+            "--tracker", f"{tracker[0]}:{tracker[1]}", "--key", key]
+
+
+def lookup_board(name: str) -> Board | McuBoard:
+    """The Linux board or the MCU board called `name`; a HyqError listing both kinds."""
+    if name in BOARDS:
+        return BOARDS[name]
+    if is_mcu_target(name):
+        return load_board(name)
+    raise HyqError(f"unknown board {name!r}; known boards: {known_boards()}; MCU boards: {', '.join(mcu_boards())}")
+
+
+def emulator(board: Board | McuBoard) -> str:
+    """The QEMU that stands in for the board, in words."""
+    if isinstance(board, McuBoard):
+        return f"qemu-system-arm -M {board.qemu_machine}"
+    return f"qemu-user -cpu {board.qemu_cpu}"
+
+
 def is_loopback(host: str) -> bool:
     """Whether every address `host` names is a loopback address of this machine."""
     try:
@@ -216,16 +243,21 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
           key: str | None = None, cache: Path | None = None, state_file: Path | None = None,
           icount: bool = False, expose: bool = False, out=sys.stderr) -> dict:
     """Start `count` emulated boards under one key (default: the board name); return the new state.
+    A Linux board needs root and builds the arm64 rootfs once; an MCU board needs neither.
     A `host` that is not a loopback address needs expose=True."""
-    board = get_board(board_name)
+    board = lookup_board(board_name)
+    mcu = isinstance(board, McuBoard)
     if count < 1:
         raise HyqError(f"--count must be at least 1, not {count}")
+    if icount and mcu:
+        raise HyqError(f"--icount is for Linux boards: {board.name} (an MCU board) counts the instructions of every "
+                       f"run exactly; leave out --icount")
     if not expose and not is_loopback(host):
         raise HyqError(f"--host {host} is not a loopback address: anyone who reaches it could run any code on the "
                        f"boards (TVM RPC has no authentication); pass --expose to do so on a private network")
     cache = cache or cache_dir()
     spath = state_file or state_path(cache)
-    key = key or board.key or board.name
+    key = key or (board.name if mcu else board.key or board.name)
     state = load_state(spath)
     state["boards"] = [b for b in state["boards"] if alive(b.get("pgid"))]  # forget boards that died
     old = state.get("tracker")
@@ -241,12 +273,14 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
     elif old:
         thost, tport = old["host"], old["port"]
         tracker_summary(thost, tport)
-    require_root("starting an emulated board")
-    ensure_binfmt()
-    root = build_rootfs(cache)
-    if icount:
-        from .icount import install_in_rootfs
-        install_in_rootfs(root, cache)
+    root = None
+    if not mcu:
+        require_root("starting an emulated board")
+        ensure_binfmt()
+        root = build_rootfs(cache)
+        if icount:
+            from .icount import install_in_rootfs
+            install_in_rootfs(root, cache)
     # the tracker: given, or ours from the state file if still running, or a new one
     if tracker:
         if not (old and (old["host"], old["port"]) == (thost, tport)):
@@ -257,7 +291,8 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
         thost, tport = state["tracker"]["host"], state["tracker"]["port"]
         print(f"tracker listening on {thost}:{tport} ({time.monotonic() - t0:.1f} s)", file=out, flush=True)
     save_state(spath, state)
-    mount_proc(root)
+    if root:
+        mount_proc(root)
     t0 = time.monotonic()
     pending = []
     used = {b["port"] for b in state["boards"] if alive(b.get("pgid"))}
@@ -266,25 +301,20 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
         used.add(port)
         name = f"{board.name}-{port}"
         log = cache / "logs" / f"{name}.log"
-        ic_out = f"/tmp/hyq-icount/{name}.%p" if icount else None
-        cmd, _ = server_command(root, board, host, port, (thost, tport), key, ic_out)
-        proc = _spawn(cmd, log)
-        entry = {"name": name, "board": board.name, "key": key, "host": host, "port": port, "pid": proc.pid,
-                 "pgid": proc.pid, "qemu_cpu": board.qemu_cpu, "rootfs": str(root), "log": str(log),
-                 "icount": bool(icount), "started_at": time.time()}
+        entry = {"name": name, "board": board.name, "key": key, "host": host, "port": port}
+        if mcu:
+            proc = _spawn(mcu_server_command(board, host, port, (thost, tport), key), log)
+            entry.update(kind="mcu", qemu_machine=board.qemu_machine, cpu=board.cpu)
+        else:
+            ic_out = f"/tmp/hyq-icount/{name}.%p" if icount else None
+            proc = _spawn(server_command(root, board, host, port, (thost, tport), key, ic_out)[0], log)
+            entry.update(qemu_cpu=board.qemu_cpu, rootfs=str(root), icount=bool(icount))
+        entry.update(pid=proc.pid, pgid=proc.pid, log=str(log), started_at=time.time())
         state["boards"].append(entry)
         pending.append((entry, proc))
     save_state(spath, state)
-    print(f"starting {count} x {board.name} (qemu-user -cpu {board.qemu_cpu}) under key {key!r} ...",
-          file=out, flush=True)
-    ports = ", ".join(str(e["port"]) for e, _ in pending)
-    exposed = [] if is_loopback(host) else [f"RPC servers on {host} ports {ports}"]
-    if state["tracker"]["started"] and not is_loopback(thost):
-        exposed.insert(0, f"the RPC tracker on {thost}:{tport}")
-    if exposed:
-        print(f"warning: exposing {' and '.join(exposed)} without authentication: whoever reaches them can run any "
-              f"code on the boards (as an unprivileged user in the rootfs) and take or feed the tracker's sessions",
-              file=out, flush=True)
+    print(f"starting {count} x {board.name} ({emulator(board)}) under key {key!r} ...", file=out, flush=True)
+    _warn_exposure(state["tracker"], host, [e["port"] for e, _ in pending], mcu, out)
     deadline = time.monotonic() + SERVER_READY_TIMEOUT
     while pending:
         summary = tracker_summary(thost, tport)
@@ -305,6 +335,23 @@ def start(board_name: str, count: int = 1, tracker: str | None = None, host: str
         time.sleep(0.5)
     save_state(spath, state)
     return state
+
+
+def _warn_exposure(tracker: dict, host: str, ports: list[int], mcu: bool, out) -> None:
+    """Warn when servers or our tracker listen beyond loopback, and when an MCU server runs as root."""
+    where = "as an unprivileged user in the rootfs" if not mcu else \
+        f"as {'root' if os.geteuid() == 0 else 'the user who started them'} on this machine, not in a rootfs"
+    listed = ", ".join(map(str, ports))
+    exposed = [] if is_loopback(host) else [f"RPC servers on {host} ports {listed}"]
+    if tracker["started"] and not is_loopback(tracker["host"]):
+        exposed.insert(0, f"the RPC tracker on {tracker['host']}:{tracker['port']}")
+    if exposed:
+        print(f"warning: exposing {' and '.join(exposed)} without authentication: whoever reaches them can run any "
+              f"code on the boards ({where}) and take or feed the tracker's sessions", file=out, flush=True)
+    if mcu and os.geteuid() == 0:
+        print(f"warning: the MCU RPC server(s) on {host} ports {listed} run as root outside any rootfs: whoever "
+              f"reaches them can run code as root (TVM RPC loads any library; the firmware's semihosting reads and "
+              f"writes files); start MCU boards as an unprivileged user", file=out, flush=True)
 
 
 def _stop_quietly(names: list[str], cache: Path, spath: Path) -> None:
@@ -338,7 +385,7 @@ def status(cache: Path | None = None, state_file: Path | None = None) -> dict:
 
 def stop(which: str | None = None, cache: Path | None = None, state_file: Path | None = None,
          out=sys.stderr) -> list[str]:
-    """Kill boards by process group: all (which=None), a board type (rasp4b) or one board (rasp4b-9090).
+    """Kill boards by process group: all (which=None), a board type (rasp4b, stm32h743) or one board (rasp4b-9090).
     The tracker we started goes too once no board is left. Returns what was stopped."""
     cache = cache or cache_dir()
     spath = state_file or state_path(cache)
@@ -346,8 +393,9 @@ def stop(which: str | None = None, cache: Path | None = None, state_file: Path |
     if which is not None and which != "all":
         matches = [b for b in state["boards"] if which in (b["name"], b["board"], b["key"])]
         if not matches:
-            if which not in BOARDS and not any(which.startswith(n + "-") for n in BOARDS):
-                get_board(which)  # unknown board: the error lists the known ones
+            names = [*BOARDS, *mcu_boards()]
+            if which not in names and not any(which.startswith(n + "-") for n in names):
+                lookup_board(which)  # unknown board: the error lists the known ones
             return []
     else:
         matches = list(state["boards"])
@@ -363,9 +411,9 @@ def stop(which: str | None = None, cache: Path | None = None, state_file: Path |
             if counts:
                 print(f"  instructions per process (pid: count): {counts}", file=out)
             clear_server_counts(b)
-    roots = {b["rootfs"] for b in matches}
+    roots = {b["rootfs"] for b in matches if b.get("rootfs")}
     for r in roots:
-        if not any(b["rootfs"] == r and alive(b["pgid"]) for b in state["boards"]):
+        if not any(b.get("rootfs") == r and alive(b["pgid"]) for b in state["boards"]):
             umount_proc(Path(r))
     t = state.get("tracker")
     if t and not state["boards"]:
