@@ -17,7 +17,7 @@ from hyq_tvm.mcu.build import compile_mcu, quantize_input
 from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
 from hyq_tvm.mcu.emit import SHIM_H, buffers, write_c_folder
 from hyq_tvm.mcu.int4 import pack_int4, unpack_int4
-from hyq_tvm.mcu.firmware import build_emulated, float_instructions, run_emulated
+from hyq_tvm.mcu.firmware import STACK_BYTES, build_emulated, float_instructions, model_size, run_emulated
 from hyq_tvm.mcu.kernels import kernel_source
 from hyq_tvm.mcu.memory import Buffer, lower_bound, plan_arena
 from hyq_tvm.mcu.schedule import mcu_schedule
@@ -177,6 +177,8 @@ def test_the_small_model_runs_bit_exact_on_each_emulated_core_without_float(smal
     spec = load_board(board)
     elf = build_emulated(tmp_path / "c", spec, tmp_path / "model.elf")
     assert float_instructions(elf) == []
+    size = model_size(tmp_path / "c", spec)
+    assert size["text"] > 0 and 0 < size["stack"] < STACK_BYTES
     x = np.random.default_rng(2).integers(-128, 128, (3, 1, 3, 8, 8), dtype=np.int8)
     run = run_emulated(elf, spec, x.reshape(3, -1))
     vm = tvm.relax.VirtualMachine(build(strip_ends(small_graph)[0], load_target("host").tvm_target()), tvm.cpu())

@@ -49,7 +49,7 @@ def _compile_mcu(args: argparse.Namespace) -> None:
     m = model.memory
     print(f"{plan.model['name']} W{plan.calibration['wbits']}A{plan.calibration['abits']} for {args.target} -> {out}"
           f" (flash {m.flash_bytes:,} B of which weights {m.weights_bytes:,} B; RAM {m.ram_bytes:,} B of which arena"
-          f" {m.arena_bytes:,} B, lower bound {m.arena_lower_bound_bytes:,} B)")
+          f" {m.arena_bytes:,} B, lower bound {m.arena_lower_bound_bytes:,} B; stack {m.stack_bytes:,} B)")
     if args.emulate:
         info = plan.model
         images, labels = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"],

@@ -21,13 +21,14 @@ FILES = ("hyq_model.h", SHIM, "hyq_model.c", "hyq_kernels.c", "hyq_weights.c")
 @dataclass(frozen=True)
 class MemoryReport:
     """What the model takes: weights (flash), the arena and its lower bound (RAM); once compiled for a board, its
-    flash (code, constants, initial data) and RAM (data, bss) bytes."""
+    flash (code, constants, initial data) and RAM (data, bss) bytes and the stack one inference takes."""
 
     weights_bytes: int
     arena_bytes: int
     arena_lower_bound_bytes: int
     flash_bytes: int | None = None
     ram_bytes: int | None = None
+    stack_bytes: int | None = None
 
 
 def buffers(graph: StaticGraph, workspace: dict[str, int]) -> list[Buffer]:

@@ -402,22 +402,39 @@ def _model_sources(folder: Path) -> list[Path]:
     return sources
 
 
+def _frames(stack_usage: str) -> dict[str, int]:
+    """Stack frame bytes per function from gcc's -fstack-usage lines ("file:line:col:name  bytes  static")."""
+    frames = {}
+    for line in stack_usage.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[1].strip().isdigit():
+            frames[fields[0].rsplit(":", 1)[-1]] = int(fields[1])
+    return frames
+
+
 def model_size(folder: str | Path, board: Board) -> dict[str, int]:
     """text, data and bss bytes of the model's C compiled for the board (as the Makefile compiles it), summed over
-    its object files: what the model adds to a firmware's flash (text + data) and RAM (data + bss)."""
+    its object files: what the model adds to a firmware's flash (text + data) and RAM (data + bss); and "stack",
+    the deepest stack one inference takes: hyq_model_run's frame plus the largest kernel frame (gcc -fstack-usage;
+    the kernels call nothing that takes stack but inline helpers)."""
     folder = Path(folder).resolve()
     gcc = _toolchain()
     total = {"text": 0, "data": 0, "bss": 0}
+    frames: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="hyq-objects-") as tmp:
         for source in _model_sources(folder):
             obj = Path(tmp) / f"{source.stem}.o"
-            r = subprocess.run([gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, "-I", str(folder), "-c",
-                                str(source), "-o", str(obj)], capture_output=True, text=True)
+            r = subprocess.run([gcc, *board.gcc_flags, *CFLAGS, *board.model_flags, "-fstack-usage", "-I",
+                                str(folder), "-c", str(source), "-o", str(obj)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise HyqError(f"{TOOLCHAIN} could not compile {source.name} for {board.name}: "
                                f"{_first_error(r.stderr)}")
             for key, value in code_size(obj).items():
                 total[key] += value
+            usage = obj.with_suffix(".su")
+            frames.update(_frames(usage.read_text()) if usage.is_file() else {})
+    kernels = [size for name, size in frames.items() if name.startswith("__tvm_ffi_")]
+    total["stack"] = frames.get("hyq_model_run", 0) + max(kernels, default=0)
     return total
 
 
