@@ -13,7 +13,8 @@ from tvm import relax, te
 from hyq_tvm.cli.compile import main as compile_main
 from hyq_tvm.errors import HyqError
 from hyq_tvm.mcu.boards import load_board
-from hyq_tvm.mcu.build import compile_mcu, quantize_input
+from hyq_tvm import data
+from hyq_tvm.mcu.build import compile_mcu, emulate, quantize_input
 from hyq_tvm.mcu.cgraph import Grid, static_graph, strip_ends
 from hyq_tvm.mcu.emit import SHIM_H, buffers, write_c_folder
 from hyq_tvm.mcu.int4 import pack_int4, unpack_int4
@@ -237,3 +238,19 @@ def test_sums_and_maxima_scheduled_for_a_microcontroller_compute_the_same_in_c(t
     assert lib.__tvm_ffi_rows(None, args, 3, None) == 0
     np.testing.assert_array_equal(outs[0], data.astype(np.int32).max(1))
     np.testing.assert_array_equal(outs[1], (data.astype(np.int32) - outs[0][:, None]).sum(1))
+
+
+@pytest.mark.slow
+def test_efficientformerv2_s0_runs_bit_exact_on_the_emulated_m7(tmp_path):
+    """Too big for stm32h743 even at W4A4 (2,288 KiB of constants): refused there, run on the 4 MB mps2-an500."""
+    torch.set_num_threads(1)
+    plan = calibrate("efficientformerv2_s0", method="minmax", images=8, mode="integer", progress=False)[0]
+    with pytest.raises(HyqError, match=r"^the model does not fit stm32h743: it needs 3,8\d\d.\d KiB of flash"):
+        compile_mcu(plan, "stm32h743", tmp_path / "h743")
+    model = compile_mcu(plan, "mps2-an500", tmp_path / "an500")
+    info = plan.model
+    images, labels = next(iter(data.test_loader(None, info["img_size"], info["mean"], info["std"], limit=2,
+                                                batch_size=2)))
+    result = emulate(model, images, labels)
+    assert result["bitexact"] == 2 and result["macs"] > 20_000_000
+    assert 1 < result["instructions"] / result["macs"] < 20
