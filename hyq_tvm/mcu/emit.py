@@ -15,7 +15,6 @@ from .memory import ALIGN, ArenaPlan, Buffer, plan_arena
 
 _DTYPE_CODES = {"i": 0, "u": 1, "f": 2}
 _C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "int32_t", "int64": "int64_t"}
-FILES = ("hyq_model.h", SHIM, "hyq_model.c", "hyq_kernels.c", "hyq_weights.c")
 
 
 @dataclass(frozen=True)
