@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hyq_tvm.devices import BOARDS
+from hyq_tvm.mcu.boards import mcu_boards
 from hyq_tvm.targets import known_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_the_installed_wheel_compiles_and_runs_device_commands_from_another_fold
     assert schedules.endswith("_data/schedules/host/mobilevit_xxs-64-w8a8")   # the database the wheel ships
 
     boards = run([installed, "-m", "hyq_tvm.device", "boards"], tmp_path, env).stdout
-    assert [line.split()[0] for line in boards.splitlines()] == list(BOARDS)
+    assert [line.split()[0] for line in boards.splitlines()] == [*BOARDS, *mcu_boards()]   # Linux, then MCU
     loader = Path("/usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1")  # an aarch64 program (libc6-arm64-cross)
     if shutil.which("qemu-aarch64") is None or shutil.which("gcc") is None or not loader.is_file():
         pytest.skip("qemu-user, gcc or libc6-arm64-cross is not installed (run scripts/setup.sh as root)")
