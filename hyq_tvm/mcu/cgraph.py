@@ -16,7 +16,9 @@ from tvm.ir.expr import Constant
 
 from ..errors import HyqError
 from ..relax import portable
+from .gemm import gemm_kernels
 from .int4 import pack_weights_int4
+from .narrow import narrow_constants
 from .schedule import schedule_pass
 
 
@@ -107,8 +109,9 @@ def strip_ends(mod: tvm.IRModule) -> tuple[tvm.IRModule, Grid, Grid]:
 def lowering_passes() -> tvm.transform.Pass:
     """Constants folded, 4-bit weights packed, legalized, fused (as for the Linux boards, but constants no longer
     folded: that would unpack the weights again), then scheduled for a microcontroller; reshapes as views."""
+    gemms = tvm.transform.module_pass(lambda mod, _ctx: gemm_kernels(mod), opt_level=0, name="hyq.McuGemm")
     pack = tvm.transform.module_pass(lambda mod, _ctx: pack_weights_int4(mod), opt_level=0, name="hyq.PackInt4")
-    return tvm.transform.Sequential([relax.transform.FoldConstant(), pack, relax.transform.LegalizeOps(portable.LEGALIZE),
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), gemms, pack, relax.transform.LegalizeOps(portable.LEGALIZE),
                                      relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
                                      relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
                                      schedule_pass(), relax.transform.RewriteDataflowReshape()], name="hyq.McuLower")
@@ -188,4 +191,4 @@ def static_graph(mod: tvm.IRModule) -> StaticGraph:
         raise HyqError("the graph's output is not computed by a kernel")
     called = {step.kernel for step in reader.steps}
     kernels = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint in called})
-    return StaticGraph(kernels, reader.values, reader.steps, "input", output, reader.views, input_grid, output_grid)
+    return narrow_constants(StaticGraph(kernels, reader.values, reader.steps, "input", output, reader.views, input_grid, output_grid))

@@ -47,18 +47,29 @@ def _fits(weight: np.ndarray) -> bool:
     return weight.dtype == np.int8 and weight.size > 1 and LOW <= int(weight.min()) and int(weight.max()) <= HIGH
 
 
+class Unpacker:
+    """A weight as the expression that gives it: its constant, or where it fits in 4 bits the call of the kernel
+    that unpacks it from its packed constant (one kernel per shape, added to the builder's module)."""
+
+    def __init__(self, bb: relax.BlockBuilder):
+        self.bb = bb
+        self.kernels: dict[tuple[int, ...], tvm.ir.GlobalVar] = {}
+
+    def __call__(self, weight: np.ndarray) -> relax.Expr:
+        if not _fits(weight):
+            return relax.const(weight)
+        shape = tuple(int(d) for d in weight.shape)
+        if shape not in self.kernels:
+            packed = te.placeholder(((int(np.prod(shape)) + 1) // 2,), "int8", name="packed")
+            func = te.create_prim_func([packed, _unpack_te(packed, shape)])
+            self.kernels[shape] = self.bb.add_func(func, f"hyq_unpack_int4_{len(self.kernels)}")
+        return relax.call_tir(self.kernels[shape], [relax.const(pack_int4(weight))], relax.TensorType(shape, "int8"))
+
+
 def pack_weights_int4(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with each conv2d / matmul weight constant that fits in 4 bits unpacked from its packed form."""
     bb = relax.BlockBuilder(mod)
-    kernels: dict[tuple[int, ...], tvm.ir.GlobalVar] = {}
-
-    def unpacked(weight: np.ndarray) -> relax.Expr:
-        shape = tuple(int(d) for d in weight.shape)
-        if shape not in kernels:
-            packed = te.placeholder(((int(np.prod(shape)) + 1) // 2,), "int8", name="packed")
-            func = te.create_prim_func([packed, _unpack_te(packed, shape)])
-            kernels[shape] = bb.add_func(func, f"hyq_unpack_int4_{len(kernels)}")
-        return relax.call_tir(kernels[shape], [relax.const(pack_int4(weight))], relax.TensorType(shape, "int8"))
+    unpacked = Unpacker(bb)
 
     def rewrite(call: relax.Call, _matches) -> relax.Expr:
         weight = call.args[1].value.numpy()
