@@ -125,7 +125,7 @@ def kernel_source(kernels: tvm.IRModule) -> KernelSource:
     return KernelSource(f'#include "{SHIM}"\n{DOT_C}' + source, {k: v for k, v in workspace.items() if v})
 
 
-GEMMS = ("conv2d", "matmul", "depthwise")   # names of the reduction blocks that multiply-accumulate
+GEMMS = ("conv2d", "group_conv2d", "matmul", "depthwise")   # names of the reduction blocks that multiply-accumulate
 
 
 def gemm_macs(func: tirx.PrimFunc) -> int:
