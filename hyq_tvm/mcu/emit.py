@@ -95,14 +95,18 @@ def _model_c(graph: StaticGraph, plan: ArenaPlan, workspace: dict[str, int]) -> 
              "  (void)device_type; (void)device_id; (void)ptr;", "  return 0;", "}", "",
              "void TVMFFIErrorSetRaisedFromCStrParts(const char *kind, const char **parts, int32_t n) {",
              "  (void)kind; (void)parts; (void)n;", "}", ""]
+    first: dict[str, str] = {}    # the fields of a const DLTensor -> the first value it was written for
+    tensor: dict[str, str] = {}   # a value -> the value whose DLTensor is passed for it
     for name in used:
         value = graph.values[name]
-        const = "" if graph.views.get(name, name) in ends else "const "
-        lines.append(f"static {const}DLTensor hyq_t_{name} = {{{_data(graph, plan, name)}, {{1, 0}}, "
-                     f"{len(value.shape)}, {_dtype(value)}, NULL, NULL, 0}};")
+        fields = f"{{{_data(graph, plan, name)}, {{1, 0}}, {len(value.shape)}, {_dtype(value)}, NULL, NULL, 0}}"
+        patched = graph.views.get(name, name) in ends
+        tensor[name] = name if patched else first.setdefault(fields, name)
+        if tensor[name] == name:
+            lines.append(f"static {'' if patched else 'const '}DLTensor hyq_t_{name} = {fields};")
     lines.append("")
     for i, step in enumerate(graph.steps):
-        args = ", ".join(f"{{7, 0, {{.v_ptr = (void *)&hyq_t_{name}}}}}" for name in step.args)
+        args = ", ".join(f"{{7, 0, {{.v_ptr = (void *)&hyq_t_{tensor[name]}}}}}" for name in step.args)
         lines.append(f"static const TVMFFIAny hyq_args{i}[{len(step.args)}] = {{{args}}};")
     lines += ["", "#ifdef HYQ_PROFILE  /* a call before each kernel call and after the last: where a profiler cuts */",
               "__attribute__((noipa)) void hyq_step_marker(int step) { __asm__ volatile(\"\" ::: \"memory\"); "

@@ -2,14 +2,12 @@
 reduction computed right after each of its outputs, so that accumulators need no buffer of their own."""
 from __future__ import annotations
 
-import math
-
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
-from ..relax.schedule import KEEP, inline, is_reduction, trivial_loops
+from ..relax.schedule import KEEP, inline, is_reduction, points, trivial_loops
 from .gemm import GEMM, schedule_gemm
 
 UNROLL_MAX = 7   # reduction loops up to this long (kernel windows) are unrolled
@@ -58,10 +56,6 @@ def _schedule_reduction(sch: s_tir.Schedule, block) -> None:
         todo.extend(sch.get_consumers(consumer))
 
 
-def _points(sch: s_tir.Schedule, block) -> int:
-    return math.prod(int(iv.dom.extent) for iv in sch.get(block).iter_vars)
-
-
 def _keep_row_values(sch: s_tir.Schedule) -> None:
     """Mark KEEP (not inlined) the spatial blocks that a spatial consumer reads at fewer points than it computes
     (a per-row mean or divisor read by every element of the row): computed once per row, not once per element."""
@@ -70,8 +64,8 @@ def _keep_row_values(sch: s_tir.Schedule) -> None:
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs or is_reduction(sch, block):
             continue
-        points = _points(sch, block)
-        if any(not is_reduction(sch, c) and _points(sch, c) > points for c in sch.get_consumers(block)):
+        own = points(sch, block)
+        if any(not is_reduction(sch, c) and points(sch, c) > own for c in sch.get_consumers(block)):
             sch.annotate(block, KEEP, "row")
 
 

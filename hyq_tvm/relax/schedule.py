@@ -79,6 +79,17 @@ def _costly(block: tirx.SBlock) -> bool:
     return bool(_calls(block) - _CHEAP) or _float_ops(block) > COSTLY_FLOAT_OPS
 
 
+def _divides(block: tirx.SBlock) -> bool:
+    """Whether the block divides by a value it reads or computes (not by a constant)."""
+    found = [False]
+
+    def seen(div):
+        found[0] = found[0] or not isinstance(div.b, tirx.IntImm)
+        return div
+    tvm_ffi.structural_map(block.body, [((tirx.Div, tirx.FloorDiv, tirx.FloorMod, tirx.Mod), seen)])
+    return found[0]
+
+
 def _gathers(block: tirx.SBlock) -> bool:
     """Whether the block reads at indices computed in floats (an interpolation's int64 cast of a float):
     lane by lane in any vector."""
@@ -102,10 +113,16 @@ def _feeds_costly(sch: s_tir.Schedule, block) -> bool:
     return False
 
 
+def points(sch: s_tir.Schedule, block) -> int:
+    """How many times the block's body runs: the product of its iterators' extents."""
+    return math.prod(int(iv.dom.extent) for iv in sch.get(block).iter_vars)
+
+
 def inline(sch: s_tir.Schedule) -> None:
     """Inline spatial blocks into their consumers (or consumers into them), except math functions into
-    several consumers (computed twice) or into padding (computed lane by lane), and gathers into math functions
-    (which would be computed lane by lane with them)."""
+    several consumers (computed twice) or into padding (computed lane by lane), math functions and divisions
+    into a consumer that reads them at fewer points than it computes (a per-row value computed per element),
+    and gathers into math functions (which would be computed lane by lane with them)."""
     root = sch.get_sblock("root")
     changed = True
     while changed:
@@ -116,8 +133,9 @@ def inline(sch: s_tir.Schedule) -> None:
             if stmt.name_hint in outputs or is_reduction(sch, block) or KEEP in stmt.annotations:
                 continue
             consumers = sch.get_consumers(block)
-            if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c))
-                                                             for c in consumers)):
+            if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c)) for c in consumers)):
+                continue
+            if (_costly(stmt) or _divides(stmt)) and any(points(sch, c) > points(sch, block) for c in consumers):
                 continue
             if _gathers(stmt) and _feeds_costly(sch, block):
                 continue

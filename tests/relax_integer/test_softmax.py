@@ -77,3 +77,19 @@ def test_softmax_over_another_axis_stays_float():
 
     out, layers = integerize_layers(module({"x": (x.shape, "int8")}, body))
     assert layers == [] and "R.nn.softmax" in out["main"].script()
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 1000])
+def test_the_probabilities_are_the_floor_quotients_without_a_division_per_element(n):
+    """(e << 30) // sum(e) from one division per row: equal to numpy's floor division on rows of every kind
+    (one element, all equal, one far above the rest, random) and on tables from a flat to a steep exp."""
+    rows = [np.full(n, 5), np.arange(n) % 256 - 128, RNG.integers(-128, 128, n)]
+    rows.append(np.where(np.arange(n) == n // 2, 127, -128))
+    x = np.stack(rows).astype(np.int8)
+    for s_in in (1e-4, 0.05, 3.0):
+        params = requant_params(np.float64(2.0 ** -PROB_BITS), np.float64(2.0 ** -PROB_BITS), np.int64(0), None,
+                                np.int64(1 << PROB_BITS), "softmax")
+        func = softmax_primfunc(x.shape, 1, 1, bool(np.any(params[1])), "int32")
+        table = softmax_table(s_in)
+        got = run(func, x, table, *params, np.zeros(x.shape, np.int32))
+        np.testing.assert_array_equal(got, softmax_probs(x, table))

@@ -39,7 +39,11 @@ def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtyp
     """PrimFunc(x, table, q, ls, rs, c, zp, out): softmax over the last axis of an int8 x, requantized.
 
         e = table[max(x) - x]          exp on the input grid, Q30
-        p = (e << 30) // sum(e)        the probability, Q30 (floor)
+        p = (e << 30) // sum(e)        the probability, Q30 (floor), without a division per element: one per
+                                       row, r = 2^62 // sum(e); then g = (e * r) >> 32 is p or p - 1 (e <= 2^30
+                                       <= sum(e): e * r <= 2^62, and e * r / 2^32 is below e * 2^30 / sum(e)
+                                       by less than e / 2^32 <= 1/4), and g + 1 where (e << 30) - g * sum(e)
+                                       is still at least sum(e)
         out = requantize(p, q, ls, rs, c, zp)
 
     The requantization parameters hold one value per channel along `axis` (or one in all).
@@ -54,7 +58,14 @@ def softmax_primfunc(shape, axis: int, channels: int, left_shift: bool, out_dtyp
     e = te.compute(dims(shape), lambda *i: table[top(*i[:-1]) - x(*i).astype("int32")].astype("int64"), name="exp")
     k2 = te.reduce_axis((0, n), name="k2")
     total = te.compute(dims(outer), lambda *i: te.sum(e(*i, k2), axis=k2), name="total")
-    p = te.compute(dims(shape), lambda *i: tirx.floordiv(e(*i) << PROB_BITS, total(*i[:-1])), name="prob")
+    inverse = te.compute(dims(outer), lambda *i: tirx.floordiv(tirx.const(1 << (PROB_BITS + 32), "int64"), total(*i)),
+                         name="inverse")
+
+    def prob(*i):   # (e << PROB_BITS) // total: see the docstring
+        row = i[:-1]
+        guess = (e(*i) * inverse(*row)) >> 32
+        return guess + ((e(*i) << PROB_BITS) - guess * total(*row) >= total(*row)).astype("int64")
+    p = te.compute(dims(shape), prob, name="prob")
 
     def body(*i):
         return requantized(p(*i), q, ls, rs, c, zp, i[axis] if channels > 1 else 0, left_shift, out_dtype)
