@@ -1,7 +1,7 @@
 """The fused, scheduled build (hyq_tvm.relax.schedule) gives the same bits as the portable one."""
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from hyq_tvm.relax import portable, schedule
 from hyq_tvm.relax.pipeline import build
@@ -92,3 +92,36 @@ def test_interpolation_stays_out_of_the_math_function_after_it():
     assert "T.unroll(T.int64(14))" in script        # each column's indices and weights constants
     lanes = schedule.int32_lanes(HOST)
     assert f"T.vectorized(T.int64({lanes}))" in script   # the GELU on whole vectors
+
+
+def test_a_value_computed_per_row_is_not_computed_per_element():
+    """A square root and an integer division of a per-row value stay blocks of their own (one per row) instead of
+    being inlined into the elementwise consumer."""
+    x = te.placeholder((4, 64), "float32", name="x")
+    v = te.placeholder((4,), "float32", name="v")
+    t = te.placeholder((4,), "int64", name="t")
+    root = te.compute((4,), lambda i: te.sqrt(v[i] + 1.0), name="sqrt")
+    inverse = te.compute((4,), lambda i: tvm.tirx.floordiv(tvm.tirx.const(1 << 40, "int64"), t[i]), name="inverse")
+    y = te.compute((4, 64), lambda i, j: x[i, j] / root[i] + inverse[i].astype("float32"), name="y")
+    sch = schedule.default_schedule(te.create_prim_func([x, v, t, y]), HOST)
+    blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    assert {"sqrt", "inverse"} <= blocks
+
+
+def test_an_inference_batch_norm_builds_with_its_square_root_per_channel():
+    """The square root per channel stays a block of its own, its consumers still inlined around it."""
+    x = RNG.standard_normal((1, 16, 7, 7)).astype("float32")
+    gamma, beta, mean, var = (RNG.uniform(0.5, 2, 16).astype("float32") for _ in range(4))
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            norm = relax.op.nn.batch_norm(xv, *(relax.const(a) for a in (gamma, beta, mean, var)), axis=1,
+                                          training=False)
+            out = bb.emit_output(relax.TupleGetItem(norm, 0))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(build(bb.get(), HOST), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    shape = (1, 16, 1, 1)
+    want = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) * gamma.reshape(shape) + beta.reshape(shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

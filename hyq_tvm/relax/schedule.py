@@ -118,6 +118,14 @@ def points(sch: s_tir.Schedule, block) -> int:
     return math.prod(int(iv.dom.extent) for iv in sch.get(block).iter_vars)
 
 
+def _per_row(sch: s_tir.Schedule, block) -> bool:
+    """Whether the spatial block computes a math function or a division that a consumer reads at fewer points than
+    it computes (a per-row value, computed once per element if inlined)."""
+    stmt = sch.get(block)
+    return (not is_reduction(sch, block) and (_costly(stmt) or _divides(stmt))
+            and any(points(sch, c) > points(sch, block) for c in sch.get_consumers(block)))
+
+
 def inline(sch: s_tir.Schedule) -> None:
     """Inline spatial blocks into their consumers (or consumers into them), except math functions into
     several consumers (computed twice) or into padding (computed lane by lane), math functions and divisions
@@ -135,7 +143,7 @@ def inline(sch: s_tir.Schedule) -> None:
             consumers = sch.get_consumers(block)
             if _costly(stmt) and (len(consumers) > 1 or any(_PADDING in _calls(sch.get(c)) for c in consumers)):
                 continue
-            if (_costly(stmt) or _divides(stmt)) and any(points(sch, c) > points(sch, block) for c in consumers):
+            if _per_row(sch, block):
                 continue
             if _gathers(stmt) and _feeds_costly(sch, block):
                 continue
@@ -154,6 +162,8 @@ def inline(sch: s_tir.Schedule) -> None:
         if (padded and any(_costly(p) for p in producers)) or (
                 not padded and _costly(stmt) and any(_gathers(p) for p in producers)):
             continue   # a math function computed in padding, or next to a gather: lane by lane
+        if any(_per_row(sch, p) for p in sch.get_producers(block)):
+            continue   # TVM 0.27 cannot inline a consumer into a producer with more points than that one
         try:
             sch.reverse_compute_inline(block)
         except s_tir.schedule.ScheduleError:
