@@ -1,6 +1,7 @@
 """The norm rule: quantized LayerNorm / GroupNorm(1) of int8 tensors -> the integer norm kernel."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import tvm
 from tvm import relax
 
 from hyq_tvm.relax.integer import integerize, integerize_layers
-from hyq_tvm.relax.integer.norm import norm_params, norm_primfunc
+from hyq_tvm.relax.integer.norm import integer_norm, norm_params, norm_primfunc
 
 from .qdq import RNG, assert_layers_bitexact, const, dq, int8, module, run, scales
 
@@ -84,3 +85,34 @@ def test_norm_over_other_axes_stays_float():
 
     out, layers = integerize_layers(module({"x": (x.shape, "int8")}, body))
     assert layers == [] and "R.nn.layer_norm" in out["main"].script()
+
+
+@pytest.mark.parametrize("out_scale", [0.002, 0.05, 3.0])   # most outputs clipped, some, none
+def test_the_norm_quotient_without_a_division_per_element_is_the_floor_quotient(out_scale):
+    """The kernel's guessed-and-corrected quotient equals numpy's floor division (integer_norm) on rows of every
+    kind: constant rows (sigma from eps alone), outliers, gains of both signs, zero points at both ends, and
+    numerators that are exact multiples of the divisor (where the guess is one short)."""
+    channels, shape = 24, (4, 6, 24)
+    x = RNG.integers(-128, 128, shape, dtype=np.int8)
+    x[0, 0] = 7                       # a constant row
+    x[1, 1] = -128
+    x[1, 1, 3] = 127                  # one outlier
+    s_in = scales(channels, 0.001, 0.5)
+    z_in = RNG.integers(-128, 128, channels).astype(np.int8)
+    gamma = RNG.uniform(-4, 4, channels)
+    beta = RNG.normal(0, 2, channels)
+    s_o = scales(channels, out_scale, 2 * out_scale).astype(np.float64)
+    z_o = RNG.integers(-128, 128, channels).astype(np.int8)
+    params = norm_params(s_in.astype(np.float64), gamma, beta, s_o, 1e-5, channels, channels)
+    k = np.array([1, 5, 60, -3])      # channels 0-3: gain 0, numerators exact multiples k * (sigma << shift)
+    z_o[:4] = 0
+    params = dataclasses.replace(params, gain=np.concatenate([np.zeros(4, np.int64), params.gain[4:]]),
+                                 offset=np.concatenate([(k << params.shift) - (1 << (params.shift - 1)),
+                                                        params.offset[4:]]))
+    func = norm_primfunc(shape, 2, (2,), params.shift)
+    arrays = [z_in.astype(np.int32), params.multiplier, params.gain, params.offset, z_o.astype(np.int32),
+              np.array([params.eps], np.int64)]
+    got = run(func, x, *arrays, np.zeros(shape, np.int8))
+    want = integer_norm(x, z_in, params, z_o, 2, (2,))
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 10 and (got[..., :4] == k).all()

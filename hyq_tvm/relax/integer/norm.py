@@ -70,6 +70,9 @@ def norm_params(in_scale, gamma, beta, out_scale, eps: float, channels: int, cou
     return NormParams(multiplier, eps_steps, gain, offset, shift)
 
 
+INVERSE_BITS = 52   # the integer norm's per-row reciprocal 2^52 // sigma
+
+
 def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, out_dtype: str = "int8"):
     """PrimFunc(x, z, m, g, b, zp, eps, out): a LayerNorm / GroupNorm(1) of int8 x over `reduce_axes`, quantized.
 
@@ -78,6 +81,11 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
         d = t - mu
         sigma = max(isqrt(floor(sum(d^2) / n) + eps), 1)
         out = clip(floor((d * g + b * sigma) / (sigma << shift) + 1/2) + zp)
+
+    without a division per element: the quotient floor(a / sigma) of a = (numerator >> shift), a first clamped to
+    [(qmin - 1 - zp) * sigma, (qmax + 1 - zp) * sigma] (the clip gives the same output), is guessed as
+    (a * (2^52 // sigma)) >> 52 (|a * (2^52 // sigma)| <= 256 * 2^52; the guess is off the true a / sigma by less
+    than |a| / 2^52 < 1, so it is the quotient or one off) and corrected by the sign and size of a - guess * sigma.
 
     z, m, g, b, zp are per channel along `axis`; eps is a 1-element int64 tensor; g and b have `shift`
     fractional bits. isqrt is the correctly rounded float64 sqrt, floored: exact (and the same on every
@@ -119,13 +127,20 @@ def norm_primfunc(shape, axis: int, reduce_axes: tuple[int, ...], shift: int, ou
         return te.max(tirx.floor(tirx.sqrt(var.astype("float64"))).astype("int64"), tirx.const(1, "int64"))
 
     sigma = te.compute(dims(row_shape), sigma_of, name="sigma")
+    inverse = te.compute(dims(row_shape), lambda *row: tirx.floordiv(tirx.const(1 << INVERSE_BITS, "int64"),
+                                                                      sigma(*row)), name="inverse")
+    info = np.iinfo(out_dtype)
 
-    def body(*i):
+    def body(*i):   # floor(num / (s << shift)) = floor(a / s), a = num >> shift: see the docstring
         row = [i[k] for k in kept]
         ch = i[axis]
-        s = sigma(*row)
+        s, z = sigma(*row), zp[ch].astype("int64")
         num = (t_of(i) - mean(*row)) * g[ch] + b[ch] * s + (s << (shift - 1))
-        return saturated(tirx.floordiv(num, s << shift) + zp[ch].astype("int64"), out_dtype)
+        a = te.max(te.min(num >> shift, (int(info.max) + 1 - z) * s), (int(info.min) - 1 - z) * s)
+        guess = (a * inverse(*row)) >> INVERSE_BITS
+        rest = a - guess * s
+        quotient = guess - (rest < 0).astype("int64") + (rest >= s).astype("int64")
+        return saturated(quotient + z, out_dtype)
 
     return te.create_prim_func([x, z, m, g, b, zp, eps, te.compute(dims(shape), body, name="norm")])
 
