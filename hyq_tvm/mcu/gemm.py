@@ -20,7 +20,7 @@ from tvm import relax, s_tir, te
 from tvm.script import tirx as T
 
 from ..relax.schedule import KEEP
-from ..relax.window import Window, dims
+from ..relax.window import Window, dims, flat_index, split_index
 from . import int4
 
 GEMM = "hyq.mcu_gemm"   # annotation of the accumulation block: "tm:tn"
@@ -127,17 +127,10 @@ def matmul_gemm(rows: tuple[int, ...], k: int, n: int) -> tvm.tirx.PrimFunc:
     a = te.placeholder(dims(*rows, k), "int8", "a")
 
     def operand(i, r):
-        index = []
-        for d in reversed(rows[1:]):
-            index.append(i % d)
-            i = i // d
-        return a[(i, *reversed(index), r)]
+        return a[(*split_index(i, rows), r)]
 
     def flat(index):
-        i = index[0]
-        for d, j in zip(rows[1:], index[1:len(rows)]):
-            i = i * d + j
-        return i, index[-1]
+        return flat_index(index[:-1], rows), index[-1]
     tm = 2 if rows[-1] % 2 == 0 else 1
     return _gemm(a, operand, math.prod(rows), k, n, [*rows, n], flat, tm)
 

@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
 from . import depthwise, schedule
-from .window import Window, dims
+from .window import Window, dims, flat_index, split_index
 from .schedule import PARALLEL_MIN, _extent, _factor
 
 ROWS = 8         # output rows per register tile ...
@@ -181,23 +181,6 @@ def _row_tile(rows: int, k: int) -> int:
     return _factor(rows, ROWS_LONG_K if k >= LONG_K else ROWS)
 
 
-def _split_index(i, dims: tuple[int, ...]) -> list:
-    """The index into `dims` of flat (row-major) index i."""
-    index = []
-    for d in reversed(dims[1:]):
-        index.append(i % d)
-        i = i // d
-    return [i, *reversed(index)]
-
-
-def _flat_index(index, dims: tuple[int, ...]):
-    """The flat (row-major) index of `index` into `dims`."""
-    flat = index[0]
-    for i, d in zip(index[1:], dims[1:]):
-        flat = flat * d + i
-    return flat
-
-
 def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: Window | None = None) -> tvm.tirx.PrimFunc:
     """out[..., n] = sum_k a[..., k] * w[k, n] (int8 -> int32) for activations a of shape (*rows, k), w packed by
     `pack` (scheduled by `schedule_packed`). With a `window` instead of rows, a is a (1, C, H, W) image read
@@ -212,7 +195,7 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
     image = window.padded(a) if window else None
 
     def load(i, j):
-        value = window.read(image, i, j) if window else a[(*_split_index(i, rows), j)]
+        value = window.read(image, i, j) if window else a[(*split_index(i, rows), j)]
         return (value.astype("int32") + zero).astype(operand)
     au = a if plain else te.compute(dims(m, kp), lambda i, j: te.if_then_else(
         j < k, load(i, j), tvm.tirx.const(zero, operand)), name="a_in")
@@ -224,7 +207,7 @@ def gemm(k: int, n: int, dot: Dot, rows: tuple[int, ...] | None = None, window: 
         out = te.compute(dims(1, n, *window.out_hw), lambda _, j, y, x: acc[y * ow + x, j] + offset[j], name="out")
         aligned = True
     else:
-        out = te.compute(dims(*rows, n), lambda *i: acc[_flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
+        out = te.compute(dims(*rows, n), lambda *i: acc[flat_index(i[:-1], rows), i[-1]] + offset[i[-1]],
                          name="out")
         aligned = rows[-1] % _row_tile(m, kp) == 0   # a tile of rows lies within one run of the last dimension
     return _annotated(te.create_prim_func([a, w, offset, out]), "rows", dot, {"pad": "pad", "a_in": "rows"},

@@ -1,4 +1,5 @@
-"""Where a batch-1 NCHW convolution reads its input, for the kernels that compute convolutions themselves."""
+"""Where a batch-1 NCHW convolution reads its input, for the kernels that compute convolutions themselves, and the
+index helpers those kernels share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,3 +41,20 @@ class Window:
 def dims(*shape: int) -> list[tvm.tirx.IntImm]:
     """int64 dimensions, as in TVM's legalized operators, so that FuseOps / FuseTIR fuse the kernels with them."""
     return [tvm.tirx.IntImm("int64", d) for d in shape]
+
+
+def split_index(i, shape: tuple[int, ...]) -> list:
+    """The index into `shape` of flat (row-major) index i."""
+    index = []
+    for d in reversed(shape[1:]):
+        index.append(i % d)
+        i = i // d
+    return [i, *reversed(index)]
+
+
+def flat_index(index, shape: tuple[int, ...]):
+    """The flat (row-major) index of `index` into `shape`."""
+    flat = index[0]
+    for i, d in zip(index[1:], shape[1:]):
+        flat = flat * d + i
+    return flat
