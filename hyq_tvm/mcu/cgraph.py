@@ -1,13 +1,12 @@
 """The integer graph of an integer-mode plan as a static list of kernel calls: int8 in, int8 out.
 
     strip_ends(mod)    main(x: float32) = dequantize(g(quantize(x)))  ->  main(q: int8) = g(q), and the two grids
-    static_graph(mod)  the stripped module, its 4-bit weights packed (int4.py), legalized, fused and scheduled for
-                       a microcontroller, read into Values (constants, the input, the output, intermediates) and
-                       Steps (one kernel call each)
+    static_graph(mod)  the stripped module, its GEMMs tiled (gemm.py), its 4-bit weights packed (int4.py),
+                       legalized, fused and scheduled for a microcontroller, read into Values (constants, the
+                       input, the output, intermediates) and Steps (one kernel call each), its constants
+                       narrowed (narrow.py)
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -17,57 +16,10 @@ from tvm.ir.expr import Constant
 from ..errors import HyqError
 from ..relax import portable
 from .gemm import gemm_kernels
+from .graph import Grid, StaticGraph, Step, Value
 from .int4 import pack_weights_int4
 from .narrow import narrow_constants
 from .schedule import schedule_pass
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The quantization grid of the graph's int8 input or output: real = scale * (q - zero_point), per tensor or
-    per channel along `axis`."""
-
-    scale: tuple[float, ...]
-    zero_point: tuple[int, ...]
-    axis: int
-
-
-@dataclass(frozen=True)
-class Value:
-    """A tensor of the graph: a constant (with its data), the input, the output or an intermediate."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    data: np.ndarray | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-@dataclass(frozen=True)
-class Step:
-    """One kernel call: the kernel's name and its arguments (Value names, inputs then outputs)."""
-
-    kernel: str
-    args: tuple[str, ...]
-    outputs: int
-
-
-@dataclass(frozen=True)
-class StaticGraph:
-    """The kernels (PrimFuncs), the values and the calls in order; `views`: values that are reshapes of
-    another value's memory; the grids of the int8 input and output."""
-
-    kernels: tvm.IRModule
-    values: dict[str, Value]
-    steps: list[Step]
-    input: str
-    output: str
-    views: dict[str, str]
-    input_grid: Grid
-    output_grid: Grid
 
 
 def _grid(call: relax.Call) -> Grid:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-if TYPE_CHECKING:
-    from .cgraph import StaticGraph, Value
+from .graph import StaticGraph, Value
 
 _INTEGERS = ("int8", "int16", "int32", "int64")
 
