@@ -163,7 +163,7 @@ def inline(sch: s_tir.Schedule) -> None:
                 not padded and _costly(stmt) and any(_gathers(p) for p in producers)):
             continue   # a math function computed in padding, or next to a gather: lane by lane
         if any(_per_row(sch, p) for p in sch.get_producers(block)):
-            continue   # TVM 0.27 cannot inline a consumer into a producer with more points than that one
+            continue   # TVM 0.27 fails reverse-inlining into a producer computed at fewer points (a batch norm's sqrt)
         try:
             sch.reverse_compute_inline(block)
         except s_tir.schedule.ScheduleError:
